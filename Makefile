@@ -1,0 +1,41 @@
+# make fit: train the default config.  make test: run the tests.  Both set themselves up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION := /usr/share/datasets/fashion-mnist
+HOST ?= 127.0.0.1
+PORT ?= 6006
+
+.PHONY: install data fit test lint tensorboard bench clean
+
+install: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST from Debian's package, where apt is available (the template also downloads it where there is internet).
+data:
+	@[ -d $(FASHION) ] || ! command -v apt-get >/dev/null || \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+
+fit: install
+	$(PY) -m project fit --config configs/default.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir logs --host $(HOST) --port $(PORT)
+
+bench: install
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf logs/*/ .pytest_cache .ruff_cache

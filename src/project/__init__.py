@@ -1,0 +1,1 @@
+"""PyTorch Lightning template for image classification (MNIST, Fashion-MNIST, CIFAR-10)."""

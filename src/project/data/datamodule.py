@@ -1,0 +1,158 @@
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from project.data import registry
+from project.data.augment import random_crop, random_hflip
+from project.errors import ConfigError
+
+DatasetName = Literal["mnist", "fashion_mnist", "cifar10"]
+
+
+class _Tensors(Dataset):
+    """Images and labels held in memory; the DataLoader asks for whole batches through ``__getitems__``,
+    so a batch costs one index operation instead of one Python call and one collate per image."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return self.x[idx], self.y[idx]
+
+
+def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+class ImageDataModule(LightningDataModule):
+    """MNIST, Fashion-MNIST or CIFAR-10, held as ``uint8`` tensors and served in whole batches.
+
+    The official train set is split (seeded by ``split_seed``) into train and validation; the official
+    test set stays the test set and is what ``predict`` labels. Batches reach the device as ``uint8``;
+    augmentation (``crop_padding``, ``hflip``) and normalisation with the dataset's mean/std run there on
+    the whole batch. ``positive_class`` turns the task into one-vs-rest binary classification.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetName = "fashion_mnist",
+        data_dir: str = "data",
+        val_size: int | float = 5000,
+        batch_size: int = 256,
+        eval_batch_size: int = 1000,
+        crop_padding: int = 0,
+        hflip: bool = False,
+        positive_class: int | None = None,
+        num_workers: int = 0,
+        download: bool = True,
+        split_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.info = registry.DATASETS[dataset]
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"data.batch_size ({batch_size}) and data.eval_batch_size must be at least 1.")
+        if crop_padding < 0 or num_workers < 0:
+            raise ConfigError("data.crop_padding and data.num_workers cannot be negative.")
+        if not (isinstance(val_size, int) and val_size >= 1 or isinstance(val_size, float) and 0 < val_size < 1):
+            raise ConfigError(
+                f"data.val_size={val_size} cannot split the train set: give a count of images (1 or more) "
+                "or a fraction between 0 and 1."
+            )
+        if positive_class is not None and not 0 <= positive_class < len(self.info.classes):
+            raise ConfigError(
+                f"data.positive_class={positive_class} is not a class of {self.info.title} "
+                f"(0..{len(self.info.classes) - 1})."
+            )
+        self.train_set: _Tensors | None = None
+        self.val_set: _Tensors | None = None
+        self.test_set: _Tensors | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.info.shape
+
+    @property
+    def num_classes(self) -> int:
+        return 2 if self.hparams.positive_class is not None else len(self.info.classes)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        if self.hparams.positive_class is None:
+            return self.info.classes
+        positive = self.info.classes[self.hparams.positive_class]
+        return (f"not {positive}", positive)
+
+    def prepare_data(self) -> None:
+        registry.prepare(self.hparams.dataset, self.hparams.data_dir, self.hparams.download)
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate") and self.train_set is None:
+            x, y = self._load(train=True)
+            size = self.hparams.val_size
+            n_val = size if isinstance(size, int) else round(size * len(y))
+            if not 0 < n_val < len(y):
+                raise ConfigError(
+                    f"data.val_size={size} leaves no {'validation' if n_val < 1 else 'training'} images: "
+                    f"the {self.info.title} train set has {len(y)}."
+                )
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.hparams.split_seed))
+            self.val_set = _Tensors(x[order[:n_val]], y[order[:n_val]])
+            self.train_set = _Tensors(x[order[n_val:]], y[order[n_val:]])
+        if stage in ("test", "predict") and self.test_set is None:
+            self.test_set = _Tensors(*self._load(train=False))
+
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = registry.load(self.hparams.dataset, self.hparams.data_dir, train)
+        if self.hparams.positive_class is not None:
+            y = (y == self.hparams.positive_class).long()
+        return x, y
+
+    def train_dataloader(self) -> DataLoader:
+        # drop_last: a final batch of one image would break BatchNorm
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.hparams.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def _loader(self, data: _Tensors | None, batch_size: int, shuffle: bool = False, drop_last: bool = False):
+        workers = self.hparams.num_workers
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            collate_fn=_batch_as_is,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=on_gpu,
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if not isinstance(batch, tuple | list):  # the model summary's example input, already a float image
+            return batch
+        x, y = batch
+        if self.trainer is not None and self.trainer.training:
+            if self.hparams.crop_padding:
+                x = random_crop(x, self.hparams.crop_padding)
+            if self.hparams.hflip:
+                x = random_hflip(x)
+        mean = torch.tensor(self.info.mean, device=x.device).view(1, -1, 1, 1) * 255
+        std = torch.tensor(self.info.std, device=x.device).view(1, -1, 1, 1) * 255
+        return (x.float() - mean) / std, y

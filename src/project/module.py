@@ -1,0 +1,123 @@
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import Accuracy, F1Score
+
+# Built by jsonargparse from a config's class_path + init_args; the first arguments come from the data.
+NetFactory = Callable[[tuple[int, int, int], int], nn.Module]
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class ImageClassifier(LightningModule):
+    """Trains any ``nn.Module`` that maps images to logits, for multiclass or binary classification.
+
+    ``net`` is built here from the data's ``in_shape`` and ``num_classes`` (both linked from the data
+    module by the CLI). With ``num_classes == 2`` the task is binary: the net has one output and the loss
+    is ``BCEWithLogits``; otherwise ``CrossEntropy`` over ``num_classes`` logits. Logs ``{train,val,test}/
+    {loss,acc}``, ``val/acc_best``, and F1 (and top-5 accuracy with more than 5 classes) for val and test.
+    """
+
+    def __init__(
+        self,
+        net: NetFactory,
+        optimizer: OptimizerFactory = torch.optim.Adam,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_monitor: str = "val/loss",
+        in_shape: tuple[int, int, int] = (1, 28, 28),
+        num_classes: int = 10,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.binary = num_classes == 2
+        self.net = net(in_shape, 1 if self.binary else num_classes)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.example_input_array = torch.zeros(2, *in_shape)
+
+        task = {"task": "binary"} if self.binary else {"task": "multiclass", "num_classes": num_classes}
+        self.train_acc = Accuracy(**task)
+        scores = {"acc": Accuracy(**task), "f1": F1Score(**task, average="macro")}
+        if not self.binary and num_classes > 5:
+            scores["acc_top5"] = Accuracy(**task, top_k=5)
+        self.val_metrics = MetricCollection(scores, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self.val_acc_best = MaxMetric()
+        # kept in state_dict so that a resumed run remembers its best epoch
+        self.val_acc_best.persistent(True)
+
+    @property
+    def metric_names(self) -> set[str]:
+        """Every name this module logs; callbacks may only monitor these."""
+        names = {"train/loss", "train/acc", "val/loss", "val/acc_best", "test/loss"}
+        return names | set(self.val_metrics.keys()) | set(self.test_metrics.keys())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss and scores (probabilities for binary, logits otherwise) of one batch, used by every stage."""
+        x, y = batch
+        logits = self(x)
+        if self.binary:
+            logits = logits.squeeze(1)
+            return F.binary_cross_entropy_with_logits(logits, y.float()), torch.sigmoid(logits), y
+        return F.cross_entropy(logits, y), logits, y
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, scores, y = self._step(batch)
+        self.train_acc(scores, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, scores, y = self._step(batch)
+        self.val_metrics.update(scores, y)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log_dict(self.val_metrics, prog_bar=False)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_acc_best(self.val_metrics["acc"].compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss, scores, y = self._step(batch)
+        self.test_metrics.update(scores, y)
+        self.log("test/loss", loss, sync_dist=True)
+        self.log_dict(self.test_metrics)
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        _, scores, y = self._step(batch)
+        if self.binary:
+            prediction = (scores > 0.5).long()
+            probability = torch.where(prediction == 1, scores, 1 - scores)
+        else:
+            probability, prediction = scores.softmax(1).max(1)
+        return {"target": y, "prediction": prediction, "probability": probability}
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        # OneCycleLR needs the run's length, which only the Trainer knows
+        given = getattr(self.scheduler, "keywords", {})
+        extra = {}
+        if given.get("total_steps", 0) is None and given.get("epochs") is None:
+            by_step = self.hparams.scheduler_interval == "step"
+            extra["total_steps"] = int(self.trainer.estimated_stepping_batches if by_step else self.trainer.max_epochs)
+        scheduler = self.scheduler(optimizer, **extra)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.scheduler_interval,
+                "monitor": self.hparams.scheduler_monitor,
+            },
+        }

@@ -1,0 +1,122 @@
+import hashlib
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torchvision
+
+from project.cli import CLI
+from project.data import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+# a short run: few batches, no progress bar in the captured output
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=4",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.batch_size=32",
+    "--data.eval_batch_size=100",
+]
+# any attempt to reach the network fails at once: tests never download
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": ""}
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory) -> Path:
+    """The real Fashion-MNIST, decompressed from Debian's dataset-fashion-mnist and verified."""
+    data_dir = tmp_path_factory.mktemp("data")
+    registry.prepare("fashion_mnist", data_dir, download=False)
+    return data_dir
+
+
+def fit_args(tmp_path: Path, data_dir: Path, *extra: str, config: str = "configs/default.yaml") -> list[str]:
+    return [
+        "fit",
+        f"--config={ROOT / config}",
+        f"--data.data_dir={data_dir}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        *TINY,
+        *extra,
+    ]
+
+
+def cli(args: list[str]) -> CLI:
+    """Runs the CLI in this process and returns it (trainer, model and datamodule inside)."""
+    return CLI(args=args)
+
+
+def run(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m project ARGS`` in a child process, offline."""
+    env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "project", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout, **kwargs,
+    )
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file as in the MNIST release: big-endian magic (uint8 type, ndim), dimensions, then data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _learnable_images(labels: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Noise plus a bright band of rows whose position is the label, so a short fit has something to learn."""
+    images = rng.integers(0, 60, (len(labels), *shape), dtype=np.uint8)
+    rows = shape[-2]
+    for i, label in enumerate(labels.tolist()):
+        images[i, ..., label * rows // 10 : (label + 1) * rows // 10, :] = 230
+    return images
+
+
+@pytest.fixture
+def fake_mnist(tmp_path, monkeypatch) -> Path:
+    """A small MNIST in the real IDX format; the registry's checksums are those of these files."""
+    rng = np.random.default_rng(0)
+    data_dir = tmp_path / "data"
+    raw = data_dir / "MNIST" / "raw"
+    for prefix, n in (("train", 600), ("t10k", 200)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", _learnable_images(labels, (28, 28), rng))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    for name in registry.DATASETS["mnist"].md5:
+        monkeypatch.setitem(registry.DATASETS["mnist"].md5, name, md5(raw / name))
+    return data_dir
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path, monkeypatch) -> Path:
+    """A small CIFAR-10 in the real format (pickled dicts of (N, 3072) uint8 rows, row-major RGB planes);
+    the registry's and torchvision's checksums are those of these files."""
+    rng = np.random.default_rng(0)
+    data_dir = tmp_path / "data"
+    folder = data_dir / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, 100)
+        images = _learnable_images(labels, (3, 32, 32), rng).reshape(100, 3072)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "labels": labels.tolist(), "data": images}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(registry.DATASETS["cifar10"].classes)}, f)
+    sums = {name: md5(folder / name) for name in registry.DATASETS["cifar10"].md5}
+    for name, value in sums.items():
+        monkeypatch.setitem(registry.DATASETS["cifar10"].md5, name, value)
+    cls = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", sums[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(cls, "test_list", [["test_batch", sums["test_batch"]]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": sums["batches.meta"]})
+    return data_dir
