@@ -9,9 +9,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningCLI
 
+from project.callbacks import CSVPredictionWriter
 from project.checkpoint import SafeModelCheckpoint
 from project.data import ImageDataModule
 from project.errors import ConfigError, ProjectError
@@ -28,7 +29,26 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": "logs", "name": "default", "default_hp_metric": False},
     },
     # appended to every run's callbacks, whatever the config's trainer.callbacks says
-    "callbacks": [LearningRateMonitor(), RichProgressBar(), RichModelSummary(max_depth=2)],
+    "callbacks": [CSVPredictionWriter()],
+}
+# trainer.callbacks unless a config replaces the list (add to it with --trainer.callbacks+=CLASS)
+DEFAULT_CALLBACKS = [
+    {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+    {"class_path": "lightning.pytorch.callbacks.RichModelSummary", "init_args": {"max_depth": 2}},
+]
+
+
+# argparse would take --trainer.max_epoch (a typo) as --trainer.max_epochs; and a one-line usage instead of
+# the 100-line one argparse prints above every error
+PARSER_KWARGS = {
+    "prog": "python -m project",
+    "description": "Train, validate, test and predict image classifiers; `resume RUN_DIR` continues a run.",
+    "allow_abbrev": False,
+    **{
+        command: {"allow_abbrev": False, "usage": f"python -m project {command} [-c CONFIG.yaml ...] [--KEY VALUE ...]"}
+        for command in ("fit", "validate", "test", "predict")
+    },
 }
 
 
@@ -44,10 +64,12 @@ class CLI(LightningCLI):
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
+            parser_kwargs=PARSER_KWARGS,
             **kwargs,
         )
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
         parser.add_lightning_class_args(SafeModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -65,6 +87,9 @@ class CLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        if config.trainer.enable_progress_bar is False:  # the flag wins over the default Rich bar
+            callbacks = config.trainer.callbacks or []
+            config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith("ProgressBar")]
         if config.get("ckpt_path"):
             logger = config.trainer.logger
             root = Path(logger.init_args.save_dir) / logger.init_args.name if _is_tensorboard(logger) else None

@@ -106,12 +106,15 @@ class ImageClassifier(LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
-        # OneCycleLR needs the run's length, which only the Trainer knows
+        # OneCycleLR needs the run's length, which only the Trainer knows, and can only cycle a momentum
+        # the optimizer has (Adagrad and Adadelta have none)
         given = getattr(self.scheduler, "keywords", {})
         extra = {}
         if given.get("total_steps", 0) is None and given.get("epochs") is None:
             by_step = self.hparams.scheduler_interval == "step"
             extra["total_steps"] = int(self.trainer.estimated_stepping_batches if by_step else self.trainer.max_epochs)
+        if given.get("cycle_momentum") and not {"momentum", "betas"} & optimizer.defaults.keys():
+            extra["cycle_momentum"] = False
         scheduler = self.scheduler(optimizer, **extra)
         return {
             "optimizer": optimizer,

@@ -1,0 +1,171 @@
+import csv
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, cli, fit_args, run
+from project.module import ImageClassifier
+
+
+def test_fit_saves_config_and_tests_the_best_checkpoint(tmp_path, fashion_dir):
+    c = cli(fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=3", "--trainer.limit_train_batches=10",
+                     "--trainer.log_every_n_steps=2"))
+    run_dir = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0"
+    best = c.trainer.checkpoint_callback.best_model_path
+    assert best.startswith(str(run_dir / "checkpoints" / "best-epoch")) and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert c.trainer.ckpt_path == best  # the test after fit loaded the best checkpoint
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["data_dir"] == str(fashion_dir)
+    logged = c.trainer.callback_metrics
+    assert {"test/acc", "test/loss", "test/f1", "test/acc_top5"} <= set(logged)
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "val/f1",
+            "test/loss", "test/acc", "lr-AdamW"} <= set(events.Tags()["scalars"])
+    # the same numbers as testing that file on its own
+    model = ImageClassifier.load_from_checkpoint(best, weights_only=True)
+    again = c.trainer.test(model, datamodule=c.datamodule, verbose=False)[0]
+    assert again["test/acc"] == pytest.approx(logged["test/acc"].item())
+    assert logged["test/acc"] > 0.5
+
+
+def test_early_stopping_stops(tmp_path, fashion_dir):
+    # no accuracy gain can exceed min_delta=1: patience 1 ends the run after the second epoch
+    c = cli(fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=6", "--early_stopping.patience=1",
+                     "--early_stopping.min_delta=1.0"))
+    assert c.trainer.early_stopping_callback.stopped_epoch == 1
+    assert c.trainer.current_epoch == 2 and c.trainer.should_stop
+
+
+def test_resume_from_last_continues_the_same_run(tmp_path, fashion_dir):
+    # extending a run needs an epoch-based schedule: OneCycleLR fixes the run's length when it starts
+    step_lr = f"--config={ROOT / 'configs/schedulers/step.yaml'}"
+    first = cli(fit_args(tmp_path, fashion_dir, step_lr, "--trainer.max_epochs=2"))
+    steps = first.trainer.global_step
+    resumed = cli(fit_args(tmp_path, fashion_dir, step_lr, "--trainer.max_epochs=3", "--ckpt_path=last"))
+    assert resumed.trainer.global_step == steps * 3 // 2
+    run_dir = tmp_path / "logs" / "fashion_mnist_cnn"
+    assert [p.name for p in run_dir.iterdir()] == ["version_0"]  # same run directory, same TensorBoard run
+    last = torch.load(run_dir / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == resumed.trainer.global_step
+
+
+def test_binary_one_vs_rest(tmp_path, fashion_dir):
+    c = cli(fit_args(tmp_path, fashion_dir, "--data.positive_class=9", "--trainer.limit_train_batches=40",
+                     "--trainer.limit_test_batches=10"))
+    assert c.model.binary and c.model.net.head[-1].out_features == 1
+    # 10% of the test set is the positive class: beating 0.9 means the boots were learned
+    assert c.trainer.callback_metrics["test/acc"] > 0.95
+
+
+def test_predict_writes_one_row_per_test_image(tmp_path, fashion_dir):
+    cli(fit_args(tmp_path, fashion_dir, "--trainer.limit_train_batches=40"))
+    c = cli(["predict", f"--config={ROOT / 'configs/default.yaml'}", f"--data.data_dir={fashion_dir}",
+             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--ckpt_path=best"])
+    path = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0" / "predictions.csv"
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == 10000 and [int(r["index"]) for r in rows] == list(range(10000))
+    targets = c.datamodule.test_set.y.tolist()
+    assert [int(r["target"]) for r in rows] == targets
+    assert all(0.1 <= float(r["probability"]) <= 1 for r in rows)
+    assert {r["class_name"] for r in rows} <= set(c.datamodule.classes)
+    accuracy = sum(int(r["prediction"]) == t for r, t in zip(rows, targets, strict=True)) / 10000
+    assert accuracy > 0.5
+
+
+def test_configs_stack_and_print(tmp_path):
+    configs = ["configs/default.yaml", "configs/optimizers/sgd_nesterov.yaml", "configs/schedulers/step.yaml"]
+    result = run(["fit", *(f"--config={c}" for c in configs), "--print_config"])
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert config["model"]["optimizer"]["init_args"]["nesterov"] is True
+    assert config["model"]["scheduler"]["class_path"] == "torch.optim.lr_scheduler.StepLR"
+    assert config["model"]["scheduler_interval"] == "epoch"
+    assert config["data"]["dataset"] == "fashion_mnist"  # from the first file
+    assert config["checkpoint"]["monitor"] == "val/acc" and config["early_stopping"]["patience"] == 3
+
+
+PRESETS = sorted((ROOT / "configs" / "optimizers").glob("*.yaml")) + sorted((ROOT / "configs" / "schedulers").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[f"{p.parent.name}/{p.stem}" for p in PRESETS])
+def test_every_optimizer_and_scheduler_preset_builds_and_steps(tmp_path, fashion_dir, preset):
+    c = cli(fit_args(tmp_path, fashion_dir, f"--config={preset}", "--trainer.max_epochs=2",
+                     "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"))
+    spec = yaml.safe_load(preset.read_text())["model"]
+    optimizer = c.trainer.optimizers[0]
+    if "optimizer" in spec:
+        assert type(optimizer).__name__ == spec["optimizer"]["class_path"].rsplit(".", 1)[1]
+        for key, value in spec["optimizer"]["init_args"].items():
+            assert optimizer.defaults[key] == (tuple(value) if isinstance(value, list) else value)
+    assert c.trainer.global_step == 6
+    schedulers = c.trainer.lr_scheduler_configs
+    if "scheduler" in spec and spec["scheduler"] is None:
+        assert schedulers == []
+        return
+    config = schedulers[0]
+    # an optimizer preset keeps the default config's one-cycle schedule
+    scheduler = spec.get("scheduler", {"class_path": "torch.optim.lr_scheduler.OneCycleLR"})
+    assert type(config.scheduler).__name__ == scheduler["class_path"].rsplit(".", 1)[1]
+    assert config.interval == spec.get("scheduler_interval", "step")
+    assert config.scheduler.last_epoch == (6 if config.interval == "step" else 2)
+
+
+def test_debug_preset_runs_one_batch_and_writes_nothing(tmp_path, fashion_dir):
+    c = cli(fit_args(tmp_path, fashion_dir, f"--config={ROOT / 'configs/trainer/debug.yaml'}"))
+    assert c.trainer.global_step == 1 and "test/acc" in c.trainer.callback_metrics
+    assert not (tmp_path / "logs").exists()
+
+
+def _error(result) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data.dataset=imagenet"], ["imagenet", "mnist", "fashion_mnist", "cifar10"]),
+        (["--model.net=project.models.Transformer"], ["project.models.Transformer"]),
+        (["--model.optimizer=torch.optim.Sgd"], ["torch.optim.Sgd"]),
+        (["--trainer.max_epoch=3"], ["max_epoch"]),
+        (["--trainer.max_epochs=three"], ["max_epochs", "three"]),
+    ],
+    ids=["unknown-dataset", "unknown-model", "unknown-optimizer", "bad-key", "bad-type"],
+)
+def test_bad_config_exits_2_with_a_message(args, expected):
+    result = run(["fit", "--config=configs/default.yaml", "--trainer.logger.init_args.save_dir=/nonexistent", *args])
+    assert result.returncode == 2
+    message = _error(result)
+    assert all(part in message for part in expected), message
+
+
+def test_bad_key_in_a_config_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batchsize: 64\n")
+    result = run(["fit", "--config=configs/default.yaml", f"--config={bad}"])
+    assert result.returncode == 2 and "batchsize" in _error(result)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--checkpoint.monitor=val/accuracy"], "checkpoint.monitor='val/accuracy' is never logged; choose one of"),
+        (["--ckpt_path=/nowhere/x.ckpt"], "--ckpt_path /nowhere/x.ckpt: no such file."),
+        (["--data.val_size=60000"], "data.val_size=60000 leaves no training images"),
+    ],
+    ids=["monitor-never-logged", "missing-ckpt", "impossible-split"],
+)
+def test_impossible_settings_exit_2_with_one_line(tmp_path, fashion_dir, args, expected):
+    result = run([*fit_args(tmp_path, fashion_dir)[:4], *args])
+    assert result.returncode == 2
+    lines = _error(result).strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1]
+
+
+def test_help_lists_the_subcommands():
+    result = run(["--help"])
+    assert result.returncode == 0
+    for command in ("fit", "validate", "test", "predict"):
+        assert command in result.stdout
