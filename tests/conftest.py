@@ -57,8 +57,13 @@ def run(args: list[str], timeout: float = 300, **kwargs) -> subprocess.Completed
     """``python -m project ARGS`` in a child process, offline."""
     env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     return subprocess.run(
-        [sys.executable, "-m", "project", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=timeout, **kwargs,
+        [sys.executable, "-m", "project", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
     )
 
 

@@ -3,25 +3,45 @@ import csv
 import pytest
 import torch
 import yaml
+from conftest import ROOT, cli, fit_args, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, cli, fit_args, run
 from project.module import ImageClassifier
 
 
 def test_fit_saves_config_and_tests_the_best_checkpoint(tmp_path, fashion_dir):
-    c = cli(fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=3", "--trainer.limit_train_batches=10",
-                     "--trainer.log_every_n_steps=2"))
+    c = cli(
+        fit_args(
+            tmp_path,
+            fashion_dir,
+            "--trainer.max_epochs=3",
+            "--trainer.limit_train_batches=10",
+            "--trainer.log_every_n_steps=2",
+        )
+    )
     run_dir = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0"
     best = c.trainer.checkpoint_callback.best_model_path
-    assert best.startswith(str(run_dir / "checkpoints" / "best-epoch")) and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (
+        best.startswith(str(run_dir / "checkpoints" / "best-epoch"))
+        and (run_dir / "checkpoints" / "last.ckpt").exists()
+    )
     assert c.trainer.ckpt_path == best  # the test after fit loaded the best checkpoint
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["data_dir"] == str(fashion_dir)
     logged = c.trainer.callback_metrics
     assert {"test/acc", "test/loss", "test/f1", "test/acc_top5"} <= set(logged)
     events = EventAccumulator(str(run_dir)).Reload()
-    assert {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "val/f1",
-            "test/loss", "test/acc", "lr-AdamW"} <= set(events.Tags()["scalars"])
+    assert {
+        "train/loss_step",
+        "train/loss_epoch",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/acc_best",
+        "val/f1",
+        "test/loss",
+        "test/acc",
+        "lr-AdamW",
+    } <= set(events.Tags()["scalars"])
     # the same numbers as testing that file on its own
     model = ImageClassifier.load_from_checkpoint(best, weights_only=True)
     again = c.trainer.test(model, datamodule=c.datamodule, verbose=False)[0]
@@ -31,8 +51,15 @@ def test_fit_saves_config_and_tests_the_best_checkpoint(tmp_path, fashion_dir):
 
 def test_early_stopping_stops(tmp_path, fashion_dir):
     # no accuracy gain can exceed min_delta=1: patience 1 ends the run after the second epoch
-    c = cli(fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=6", "--early_stopping.patience=1",
-                     "--early_stopping.min_delta=1.0"))
+    c = cli(
+        fit_args(
+            tmp_path,
+            fashion_dir,
+            "--trainer.max_epochs=6",
+            "--early_stopping.patience=1",
+            "--early_stopping.min_delta=1.0",
+        )
+    )
     assert c.trainer.early_stopping_callback.stopped_epoch == 1
     assert c.trainer.current_epoch == 2 and c.trainer.should_stop
 
@@ -51,8 +78,15 @@ def test_resume_from_last_continues_the_same_run(tmp_path, fashion_dir):
 
 
 def test_binary_one_vs_rest(tmp_path, fashion_dir):
-    c = cli(fit_args(tmp_path, fashion_dir, "--data.positive_class=9", "--trainer.limit_train_batches=40",
-                     "--trainer.limit_test_batches=10"))
+    c = cli(
+        fit_args(
+            tmp_path,
+            fashion_dir,
+            "--data.positive_class=9",
+            "--trainer.limit_train_batches=40",
+            "--trainer.limit_test_batches=10",
+        )
+    )
     assert c.model.binary and c.model.net.head[-1].out_features == 1
     # 10% of the test set is the positive class: beating 0.9 means the boots were learned
     assert c.trainer.callback_metrics["test/acc"] > 0.95
@@ -60,8 +94,15 @@ def test_binary_one_vs_rest(tmp_path, fashion_dir):
 
 def test_predict_writes_one_row_per_test_image(tmp_path, fashion_dir):
     cli(fit_args(tmp_path, fashion_dir, "--trainer.limit_train_batches=40"))
-    c = cli(["predict", f"--config={ROOT / 'configs/default.yaml'}", f"--data.data_dir={fashion_dir}",
-             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--ckpt_path=best"])
+    c = cli(
+        [
+            "predict",
+            f"--config={ROOT / 'configs/default.yaml'}",
+            f"--data.data_dir={fashion_dir}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            "--ckpt_path=best",
+        ]
+    )
     path = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0" / "predictions.csv"
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == 10000 and [int(r["index"]) for r in rows] == list(range(10000))
@@ -86,13 +127,23 @@ def test_configs_stack_and_print(tmp_path):
     assert config["checkpoint"]["monitor"] == "val/acc" and config["early_stopping"]["patience"] == 3
 
 
-PRESETS = sorted((ROOT / "configs" / "optimizers").glob("*.yaml")) + sorted((ROOT / "configs" / "schedulers").glob("*.yaml"))
+PRESETS = sorted((ROOT / "configs" / "optimizers").glob("*.yaml")) + sorted(
+    (ROOT / "configs" / "schedulers").glob("*.yaml")
+)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[f"{p.parent.name}/{p.stem}" for p in PRESETS])
 def test_every_optimizer_and_scheduler_preset_builds_and_steps(tmp_path, fashion_dir, preset):
-    c = cli(fit_args(tmp_path, fashion_dir, f"--config={preset}", "--trainer.max_epochs=2",
-                     "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"))
+    c = cli(
+        fit_args(
+            tmp_path,
+            fashion_dir,
+            f"--config={preset}",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+        )
+    )
     spec = yaml.safe_load(preset.read_text())["model"]
     optimizer = c.trainer.optimizers[0]
     if "optimizer" in spec:
@@ -151,7 +202,10 @@ def test_bad_key_in_a_config_file(tmp_path):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--checkpoint.monitor=val/accuracy"], "checkpoint.monitor='val/accuracy' is never logged; choose one of"),
+        (
+            ["--checkpoint.monitor=val/accuracy"],
+            "checkpoint.monitor='val/accuracy' is never logged; choose one of",
+        ),
         (["--ckpt_path=/nowhere/x.ckpt"], "--ckpt_path /nowhere/x.ckpt: no such file."),
         (["--data.val_size=60000"], "data.val_size=60000 leaves no training images"),
     ],

@@ -3,8 +3,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import ROOT, run, write_idx
+
 from project.data import DATASETS, ImageDataModule
 from project.data.augment import random_crop, random_hflip
 from project.data.datamodule import DatasetName
@@ -133,8 +133,14 @@ def test_missing_data_without_network_names_directory_files_and_remedies(tmp_pat
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: MNIST is not in ")
-    for part in (str(tmp_path / "MNIST" / "raw"), "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
-                 "downloading them failed", "connect to the internet", "Fashion-MNIST"):
+    for part in (
+        str(tmp_path / "MNIST" / "raw"),
+        "train-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        "downloading them failed",
+        "connect to the internet",
+        "Fashion-MNIST",
+    ):
         assert part in message
     assert "Traceback" not in result.stderr
 

@@ -46,7 +46,10 @@ PARSER_KWARGS = {
     "description": "Train, validate, test and predict image classifiers; `resume RUN_DIR` continues a run.",
     "allow_abbrev": False,
     **{
-        command: {"allow_abbrev": False, "usage": f"python -m project {command} [-c CONFIG.yaml ...] [--KEY VALUE ...]"}
+        command: {
+            "allow_abbrev": False,
+            "usage": f"python -m project {command} [-c CONFIG.yaml ...] [--KEY VALUE ...]",
+        }
         for command in ("fit", "validate", "test", "predict")
     },
 }
@@ -81,7 +84,9 @@ class CLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults({"early_stopping.monitor": "val/acc", "early_stopping.mode": "max", "early_stopping.patience": 5})
+        parser.set_defaults(
+            {"early_stopping.monitor": "val/acc", "early_stopping.mode": "max", "early_stopping.patience": 5}
+        )
         parser.link_arguments("data.shape", "model.in_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
@@ -96,7 +101,11 @@ class CLI(LightningCLI):
             path = resolve_checkpoint(config.ckpt_path, root)
             config.ckpt_path = str(path)
             # a checkpoint of a run under logs/ continues that run's directory and TensorBoard run
-            if root is not None and path.parent.name == "checkpoints" and path.parent.parent.parent.resolve() == root.resolve():
+            if (
+                root is not None
+                and path.parent.name == "checkpoints"
+                and path.parent.parent.parent.resolve() == root.resolve()
+            ):
                 logger.init_args.version = path.parent.parent.name
 
     def before_fit(self) -> None:

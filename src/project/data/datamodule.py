@@ -63,7 +63,7 @@ class ImageDataModule(LightningDataModule):
             raise ConfigError(f"data.batch_size ({batch_size}) and data.eval_batch_size must be at least 1.")
         if crop_padding < 0 or num_workers < 0:
             raise ConfigError("data.crop_padding and data.num_workers cannot be negative.")
-        if not (isinstance(val_size, int) and val_size >= 1 or isinstance(val_size, float) and 0 < val_size < 1):
+        if not ((isinstance(val_size, int) and val_size >= 1) or (isinstance(val_size, float) and 0 < val_size < 1)):
             raise ConfigError(
                 f"data.val_size={val_size} cannot split the train set: give a count of images (1 or more) "
                 "or a fraction between 0 and 1."

@@ -16,7 +16,12 @@ import torch
 
 from project.errors import DataError
 
-_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,18 @@ DATASETS: dict[str, DatasetInfo] = {
         shape=(1, 28, 28),
         mean=(0.2860,),
         std=(0.3530,),
-        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"),
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Boot",
+        ),
         md5=dict(
             zip(
                 _IDX_FILES,
@@ -187,6 +203,5 @@ def _missing_message(info: DatasetInfo, raw: Path, missing: list[str], why: str)
     else:
         remedies.append("train on Fashion-MNIST instead (--data.dataset fashion_mnist), which Debian packages")
     return (
-        f"{info.title} is not in {raw}: missing {', '.join(missing)}, and {why}. "
-        f"To fix it: {'; or '.join(remedies)}."
+        f"{info.title} is not in {raw}: missing {', '.join(missing)}, and {why}. To fix it: {'; or '.join(remedies)}."
     )

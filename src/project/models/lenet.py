@@ -19,7 +19,10 @@ class LeNet(nn.Module):
         with torch.no_grad():
             flat = self.features(torch.zeros(1, *in_shape)).shape[1]
         self.classifier = nn.Sequential(
-            nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_outputs)
+            nn.Linear(flat, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_outputs),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
