@@ -164,9 +164,11 @@ def test_every_optimizer_and_scheduler_preset_builds_and_steps(tmp_path, fashion
 
 
 def test_debug_preset_runs_one_batch_and_writes_nothing(tmp_path, fashion_dir):
-    c = cli(fit_args(tmp_path, fashion_dir, f"--config={ROOT / 'configs/trainer/debug.yaml'}"))
+    root = tmp_path / "root"
+    debug = f"--config={ROOT / 'configs/trainer/debug.yaml'}"
+    c = cli(fit_args(tmp_path, fashion_dir, debug, f"--trainer.default_root_dir={root}"))
     assert c.trainer.global_step == 1 and "test/acc" in c.trainer.callback_metrics
-    assert not (tmp_path / "logs").exists()
+    assert not (tmp_path / "logs").exists() and not root.exists()
 
 
 def _error(result) -> str:

@@ -1,6 +1,6 @@
 import torch
-
 from conftest import fit_args, run
+
 from project.data import ImageDataModule
 from project.module import ImageClassifier
 

@@ -1,7 +1,6 @@
 """Each dataset recipe trains end to end, MNIST and CIFAR-10 on small files in their real formats."""
 
 import pytest
-
 from conftest import ROOT, cli, fit_args
 
 

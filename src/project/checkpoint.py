@@ -6,6 +6,7 @@ SIGTERM. :class:`SafeModelCheckpoint` closes each of these gaps; the CLI always 
 """
 
 import os
+import pickle
 import random
 import signal
 import sys
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from project.errors import NonFiniteError
+from project.errors import ConfigError, NonFiniteError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,6 +50,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location, weights_only=weights_only is not False)
 
 
+def check_weights_only(path: str | Path) -> None:
+    """Raise ConfigError unless ``path`` loads as tensors and plain types (mmap: no tensor data is read)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{path} holds objects other than tensors and plain types, and unpickling them could run code "
+            f"({reason}). If you trust its source, load it in Python with torch.load(..., weights_only=False) "
+            "and save its tensors again."
+        ) from None
+
+
 def rng_states() -> dict:
     """torch, CUDA, numpy and Python RNG states, as tensors and plain types so ``weights_only`` loads them."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -72,7 +86,7 @@ def set_rng_states(states: dict) -> None:
 
 
 class SafeModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint (best by ``monitor`` + ``last.ckpt``) that also:
+    """ModelCheckpoint (best by ``monitor`` + ``last.ckpt``, rewritten every epoch) that also:
 
     - writes atomically and loads with ``weights_only=True`` (:class:`AtomicCheckpointIO`);
     - stores the RNG states, so resuming from an epoch-boundary checkpoint reproduces the uninterrupted run;
@@ -120,6 +134,19 @@ class SafeModelCheckpoint(ModelCheckpoint):
         if score is not None and not trainer.sanity_checking and not torch.isfinite(score):
             self._stop_non_finite(trainer, f"{self.monitor} is {score.item()}")
         super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_even_without_a_new_best(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_even_without_a_new_best(trainer)
+
+    def _save_last_even_without_a_new_best(self, trainer: Trainer) -> None:
+        # Lightning 2.6 rewrites last.ckpt only at steps that saved a new top-k checkpoint, so an epoch
+        # that does not improve would be lost by a kill (skipping also covers "already saved at this step")
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def check_monitor_top_k(self, trainer: Trainer, current: torch.Tensor | None = None) -> bool:
         return current is not None and bool(torch.isfinite(current)) and super().check_monitor_top_k(trainer, current)
@@ -134,8 +161,13 @@ class SafeModelCheckpoint(ModelCheckpoint):
             + (f"resume with --ckpt_path {good}." if good else "train again.")
         )
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt here even in a dry run
+            super().on_train_end(trainer, pl_module)
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or not self.dirpath:
+            super().on_exception(trainer, pl_module, exception)
             return
         signum = self._signal or signal.SIGTERM
         path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)

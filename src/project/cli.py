@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningCLI
 
 from project.callbacks import CSVPredictionWriter
-from project.checkpoint import SafeModelCheckpoint
+from project.checkpoint import SafeModelCheckpoint, check_weights_only
 from project.data import ImageDataModule
 from project.errors import ConfigError, ProjectError
 from project.module import ImageClassifier
@@ -90,23 +90,25 @@ class CLI(LightningCLI):
         parser.link_arguments("data.shape", "model.in_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
+        config = self.config.get(self.config.get("subcommand") or "", {})
+        if config and config.get("ckpt_path"):
+            logger = config.trainer.logger
+            root = Path(logger.init_args.save_dir) / logger.init_args.name if _is_tensorboard(logger) else None
+            path = resolve_checkpoint(config.ckpt_path, root)
+            check_weights_only(path)
+            config.ckpt_path = str(path)
+            # a checkpoint of a run under logs/ continues that run's directory and TensorBoard run
+            if root is not None and path.parent.name == "checkpoints" and path.parents[2].resolve() == root.resolve():
+                logger.init_args.version = path.parent.parent.name
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         if config.trainer.enable_progress_bar is False:  # the flag wins over the default Rich bar
             callbacks = config.trainer.callbacks or []
             config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith("ProgressBar")]
-        if config.get("ckpt_path"):
-            logger = config.trainer.logger
-            root = Path(logger.init_args.save_dir) / logger.init_args.name if _is_tensorboard(logger) else None
-            path = resolve_checkpoint(config.ckpt_path, root)
-            config.ckpt_path = str(path)
-            # a checkpoint of a run under logs/ continues that run's directory and TensorBoard run
-            if (
-                root is not None
-                and path.parent.name == "checkpoints"
-                and path.parent.parent.parent.resolve() == root.resolve()
-            ):
-                logger.init_args.version = path.parent.parent.name
 
     def before_fit(self) -> None:
         known = self.model.metric_names
