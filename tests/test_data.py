@@ -157,7 +157,9 @@ def test_local_gz_copy_is_used(tmp_path, fashion_dir):
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for name in DATASETS["fashion_mnist"].md5:
-        (raw / f"{name}.gz").write_bytes(gzip.compress((fashion_dir / "FashionMNIST" / "raw" / name).read_bytes()))
+        (raw / f"{name}.gz").write_bytes(
+            gzip.compress((fashion_dir / "FashionMNIST" / "raw" / name).read_bytes(), compresslevel=1)
+        )
     setup(ImageDataModule("fashion_mnist", str(tmp_path)), "test")
 
 

@@ -4,8 +4,11 @@ import csv
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.model_summary import ModelSummary
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 
 class CSVPredictionWriter(BasePredictionWriter):
@@ -39,3 +42,102 @@ class CSVPredictionWriter(BasePredictionWriter):
             ):
                 writer.writerow([i, target, pred, classes[pred], f"{prob:.6f}"])
         print(f"Wrote {len(rows['index'])} predictions to {path}")
+
+
+class TensorBoardReport(Callback):
+    """What TensorBoard shows of a run beyond Lightning's scalars: the model summary with shapes and parameters
+    per layer (TEXT), train and val curves on shared charts (CUSTOM SCALARS); after ``test``, a confusion matrix
+    and the misclassified test images (IMAGES), and the hyperparameters with the final metrics (HPARAMS)."""
+
+    def __init__(self, misclassified: int = 32):
+        self.misclassified = misclassified
+
+    @staticmethod
+    def _writer(trainer: Trainer):
+        logger = trainer.logger
+        return logger.experiment if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero else None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (writer := self._writer(trainer)) is None:
+            return
+        summary = ModelSummary(pl_module, max_depth=-1)
+        rows = [
+            f"| {name} | {kind} | {params:,} | {shape_in} | {shape_out} |"
+            for name, kind, params, shape_in, shape_out in zip(
+                summary.layer_names, summary.layer_types, summary.param_nums, summary.in_sizes, summary.out_sizes,
+                strict=True,
+            )
+            if name.startswith("net")
+        ]  # fmt: skip
+        table = "| layer | type | parameters | input | output |\n|---|---|---|---|---|\n" + "\n".join(rows)
+        total = f"\n\n{summary.trainable_parameters:,} trainable parameters of {summary.total_parameters:,}"
+        writer.add_text("model/summary", table + total)
+        writer.add_scalar("model/params", summary.trainable_parameters, 0)
+        writer.add_custom_scalars(
+            {
+                "train vs val": {
+                    "loss": ["Multiline", ["train/loss_epoch", "val/loss"]],
+                    "accuracy": ["Multiline", ["train/acc", "val/acc"]],
+                }
+            }
+        )
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        classes = len(trainer.datamodule.classes)
+        self.confusion = MulticlassConfusionMatrix(classes).to(pl_module.device)
+        self.wrong: list[tuple[torch.Tensor, int, int]] = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        prediction, target = outputs["prediction"], outputs["target"]
+        self.confusion.update(prediction, target)
+        for i in torch.nonzero(prediction != target).flatten()[: self.misclassified - len(self.wrong)].tolist():
+            self.wrong.append((batch[0][i].cpu(), target[i].item(), prediction[i].item()))
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        matrix = self.confusion.compute().cpu()  # synced over DDP ranks: every rank takes part
+        if (writer := self._writer(trainer)) is None:
+            return
+        classes = trainer.datamodule.classes
+        step = trainer.global_step
+        writer.add_figure("test/confusion_matrix", _confusion_figure(matrix, classes), step)
+        if self.wrong:
+            writer.add_figure("test/misclassified", _images_figure(self.wrong, classes), step)
+        metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        best = pl_module.val_acc_best.compute().item()
+        if best > float("-inf"):  # not for a test of a checkpoint that never validated
+            metrics["val/acc_best"] = best
+        trainer.logger.log_hyperparams({**pl_module.hparams, **trainer.datamodule.hparams}, metrics)
+
+
+def _confusion_figure(matrix: torch.Tensor, classes: tuple[str, ...]):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1 + 0.6 * len(classes), 0.6 * len(classes)))
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true")
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            count = int(matrix[i, j])
+            color = "white" if count > matrix.max() / 2 else "black"
+            ax.text(j, i, count, ha="center", va="center", fontsize=7, color=color)
+    fig.tight_layout()
+    return fig
+
+
+def _images_figure(wrong: list[tuple[torch.Tensor, int, int]], classes: tuple[str, ...]):
+    from matplotlib.figure import Figure
+
+    cols = 8
+    rows = (len(wrong) + cols - 1) // cols
+    fig = Figure(figsize=(cols * 1.3, rows * 1.5))
+    for k, (image, target, prediction) in enumerate(wrong):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        image = (image - image.min()) / (image.max() - image.min() + 1e-8)  # back to [0, 1] for display
+        ax.imshow(image.permute(1, 2, 0).squeeze(-1), cmap="gray")
+        ax.set_title(f"{classes[target]}\n→ {classes[prediction]}", fontsize=6)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

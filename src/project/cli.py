@@ -12,7 +12,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningCLI
 
-from project.callbacks import CSVPredictionWriter
+from project.callbacks import CSVPredictionWriter, TensorBoardReport
 from project.checkpoint import SafeModelCheckpoint, check_weights_only
 from project.data import ImageDataModule
 from project.errors import ConfigError, ProjectError
@@ -26,10 +26,10 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 50,
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "logs", "name": "default", "default_hp_metric": False},
+        "init_args": {"save_dir": "logs", "name": "default", "default_hp_metric": False, "log_graph": True},
     },
     # appended to every run's callbacks, whatever the config's trainer.callbacks says
-    "callbacks": [CSVPredictionWriter()],
+    "callbacks": [CSVPredictionWriter(), TensorBoardReport()],
 }
 # trainer.callbacks unless a config replaces the list (add to it with --trainer.callbacks+=CLASS)
 DEFAULT_CALLBACKS = [
@@ -105,7 +105,7 @@ class CLI(LightningCLI):
                 logger.init_args.version = path.parent.parent.name
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.enable_progress_bar is False:  # the flag wins over the default Rich bar
             callbacks = config.trainer.callbacks or []
             config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith("ProgressBar")]

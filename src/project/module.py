@@ -21,6 +21,7 @@ class ImageClassifier(LightningModule):
     module by the CLI). With ``num_classes == 2`` the task is binary: the net has one output and the loss
     is ``BCEWithLogits``; otherwise ``CrossEntropy`` over ``num_classes`` logits. Logs ``{train,val,test}/
     {loss,acc}``, ``val/acc_best``, and F1 (and top-5 accuracy with more than 5 classes) for val and test.
+    ``channels_last`` and ``compile`` (``torch.compile``) are speed options for GPUs; precision is a Trainer flag.
     """
 
     def __init__(
@@ -32,11 +33,17 @@ class ImageClassifier(LightningModule):
         scheduler_monitor: str = "val/loss",
         in_shape: tuple[int, int, int] = (1, 28, 28),
         num_classes: int = 10,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.binary = num_classes == 2
         self.net = net(in_shape, 1 if self.binary else num_classes)
+        if channels_last:  # NHWC convolutions: faster with tensor cores (mixed precision on recent GPUs)
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if compile:  # in place, so checkpoints keep the plain module's keys
+            self.net.compile()
         self.optimizer, self.scheduler = optimizer, scheduler
         self.example_input_array = torch.zeros(2, *in_shape)
 
@@ -58,6 +65,8 @@ class ImageClassifier(LightningModule):
         return names | set(self.val_metrics.keys()) | set(self.test_metrics.keys())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,11 +96,13 @@ class ImageClassifier(LightningModule):
             self.val_acc_best(self.val_metrics["acc"].compute())
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         loss, scores, y = self._step(batch)
         self.test_metrics.update(scores, y)
         self.log("test/loss", loss, sync_dist=True)
         self.log_dict(self.test_metrics)
+        # for callbacks that report on the test set (confusion matrix, misclassified images)
+        return {"prediction": (scores > 0.5).long() if self.binary else scores.argmax(1), "target": y}
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         _, scores, y = self._step(batch)
@@ -106,16 +117,9 @@ class ImageClassifier(LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
-        # OneCycleLR needs the run's length, which only the Trainer knows, and can only cycle a momentum
-        # the optimizer has (Adagrad and Adadelta have none)
-        given = getattr(self.scheduler, "keywords", {})
-        extra = {}
-        if given.get("total_steps", 0) is None and given.get("epochs") is None:
-            by_step = self.hparams.scheduler_interval == "step"
-            extra["total_steps"] = int(self.trainer.estimated_stepping_batches if by_step else self.trainer.max_epochs)
-        if given.get("cycle_momentum") and not {"momentum", "betas"} & optimizer.defaults.keys():
-            extra["cycle_momentum"] = False
-        scheduler = self.scheduler(optimizer, **extra)
+        scheduler = self.build_scheduler(
+            optimizer, int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
@@ -124,3 +128,15 @@ class ImageClassifier(LightningModule):
                 "monitor": self.hparams.scheduler_monitor,
             },
         }
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int, epochs: int):
+        """The configured scheduler for a run of ``total_steps`` optimizer steps over ``epochs`` epochs."""
+        # OneCycleLR needs the run's length, and can only cycle a momentum the optimizer has (Adagrad and
+        # Adadelta have none)
+        given = getattr(self.scheduler, "keywords", {})
+        extra = {}
+        if given.get("total_steps", 0) is None and given.get("epochs") is None:
+            extra["total_steps"] = total_steps if self.hparams.scheduler_interval == "step" else epochs
+        if given.get("cycle_momentum") and not {"momentum", "betas"} & optimizer.defaults.keys():
+            extra["cycle_momentum"] = False
+        return self.scheduler(optimizer, **extra)

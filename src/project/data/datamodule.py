@@ -1,8 +1,9 @@
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from project.data import registry
 from project.data.augment import random_crop, random_hflip
@@ -24,9 +25,20 @@ class _Tensors(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i]
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices)
         return self.x[idx], self.y[idx]
+
+
+class _SlicedBatchSampler(BatchSampler):
+    """Draws the sampler's order for the whole epoch at once and yields it in tensor slices; the stock
+    BatchSampler builds each batch with one Python call per index. Keeps BatchSampler's signature, so that
+    Lightning can rebuild it around its DistributedSampler under DDP."""
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = torch.as_tensor(list(self.sampler))
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        yield from order[:stop].split(self.batch_size)
 
 
 def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +104,12 @@ class ImageDataModule(LightningDataModule):
         positive = self.info.classes[self.hparams.positive_class]
         return (f"not {positive}", positive)
 
+    def steps_per_epoch(self) -> int:
+        """Training batches per epoch of the official data, known without reading it."""
+        size = self.hparams.val_size
+        n_val = size if isinstance(size, int) else round(size * self.info.train_size)
+        return (self.info.train_size - n_val) // self.hparams.batch_size
+
     def prepare_data(self) -> None:
         registry.prepare(self.hparams.dataset, self.hparams.data_dir, self.hparams.download)
 
@@ -133,11 +151,10 @@ class ImageDataModule(LightningDataModule):
     def _loader(self, data: _Tensors | None, batch_size: int, shuffle: bool = False, drop_last: bool = False):
         workers = self.hparams.num_workers
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        order = RandomSampler(data) if shuffle else SequentialSampler(data)
         return DataLoader(
             data,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
+            batch_sampler=_SlicedBatchSampler(order, batch_size, drop_last),
             collate_fn=_batch_as_is,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -153,6 +170,10 @@ class ImageDataModule(LightningDataModule):
                 x = random_crop(x, self.hparams.crop_padding)
             if self.hparams.hflip:
                 x = random_hflip(x)
+        return self.normalize(x), y
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``uint8`` images to floats with the dataset's mean 0 and std 1 per channel."""
         mean = torch.tensor(self.info.mean, device=x.device).view(1, -1, 1, 1) * 255
         std = torch.tensor(self.info.std, device=x.device).view(1, -1, 1, 1) * 255
-        return (x.float() - mean) / std, y
+        return (x.float() - mean) / std

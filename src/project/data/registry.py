@@ -33,6 +33,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    train_size: int  # images in the official train split
     md5: dict[str, str]  # decompressed file name -> md5 of its content
     local_copy: str | None = None  # a directory of .gz files that a system package installs
     package: str | None = None
@@ -47,6 +48,7 @@ DATASETS: dict[str, DatasetInfo] = {
         mean=(0.1307,),
         std=(0.3081,),
         classes=tuple("0123456789"),
+        train_size=60000,
         md5=dict(
             zip(
                 _IDX_FILES,
@@ -79,6 +81,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "Bag",
             "Boot",
         ),
+        train_size=60000,
         md5=dict(
             zip(
                 _IDX_FILES,
@@ -102,6 +105,7 @@ DATASETS: dict[str, DatasetInfo] = {
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
         classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        train_size=50000,
         # the same sums torchvision checks in CIFAR10.train_list / test_list / meta
         md5={
             "data_batch_1": "c99cafc152244af753f735de768cd75f",

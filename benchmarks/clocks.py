@@ -1,0 +1,55 @@
+"""Callbacks the benchmark adds to template runs (``--trainer.callbacks+=clocks.X``, benchmarks/ on PYTHONPATH)."""
+
+import json
+import os
+import time
+
+import torch
+from lightning.pytorch import Callback
+
+
+class TrainThroughput(Callback):
+    """Training images/s of each epoch, from the first batch's start to the last batch's end (validation excluded)."""
+
+    def __init__(self, out: str):
+        self.out, self.rates = out, []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.images, self.start = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.images, self.end = self.images + len(batch[1]), time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.rates.append(self.images / (self.end - self.start))
+        with open(self.out, "w") as f:
+            json.dump(self.rates, f)
+
+
+class TestAccuracyClock(Callback):
+    """After every epoch, the test accuracy and the wall time since the process was launched (BENCH_T0)."""
+
+    def __init__(self, out: str):
+        self.out, self.points = out, []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        if dm.test_set is None:
+            dm.setup("test")
+        pl_module.eval()
+        with torch.no_grad():
+            x, y = dm.test_set.x, dm.test_set.y
+            hits = sum(
+                (pl_module(dm.normalize(x[i : i + 1000])).argmax(1) == y[i : i + 1000]).sum().item()
+                for i in range(0, len(y), 1000)
+            )
+        pl_module.train()
+        self.points.append(
+            {
+                "epoch": trainer.current_epoch,
+                "seconds": time.time() - float(os.environ["BENCH_T0"]),
+                "test_acc": hits / len(y),
+            }
+        )
+        with open(self.out, "w") as f:
+            json.dump(self.points, f)

@@ -1,0 +1,71 @@
+"""``python -m project lr-plot``: the learning rate of every optimizer step that ``fit`` would take with a config,
+as a PNG, without training (seed 004's ``plot_lr``, for any scheduler, warm restarts and one-cycle included).
+
+    python -m project lr-plot --config configs/default.yaml --config configs/schedulers/cosine_warm_restarts.yaml
+    python -m project lr-plot configs/experiments/schedulers      # one curve per variant
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from project.experiments import variants
+
+
+def schedule(config_args: list[str]) -> tuple[list[float], list[float]]:
+    """``(epoch, learning rate)`` at each optimizer step of the run these config arguments describe."""
+    from project.cli import CLI
+
+    cli = CLI(args=config_args, run=False)
+    model, per_epoch, epochs = cli.model, cli.datamodule.steps_per_epoch(), cli.trainer.max_epochs
+    optimizer = model.optimizer([torch.zeros(1, requires_grad=True)])
+    scheduler = model.build_scheduler(optimizer, per_epoch * epochs, epochs) if model.scheduler else None
+    by_step = model.hparams.scheduler_interval == "step"
+    x, lr = [], []
+    for epoch in range(epochs):
+        for step in range(per_epoch):
+            x.append(epoch + step / per_epoch)
+            lr.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()  # no gradients: changes nothing, but keeps the scheduler's call order check quiet
+            if scheduler is not None and by_step:
+                scheduler.step()
+        if scheduler is not None and not by_step:
+            # ReduceLROnPlateau sees a metric that never improves, so every reduction shows
+            plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            scheduler.step(1.0) if plateau else scheduler.step()
+    return x, lr
+
+
+def plot(curves: dict[str, tuple[list[float], list[float]]], out: Path, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    for name, (x, lr) in curves.items():
+        ax.plot(x, lr, label=name)
+    ax.set(xlabel="epoch", ylabel="learning rate", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m project lr-plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", nargs="?", type=Path, help="an experiment directory: one curve per variant")
+    parser.add_argument("--config", action="append", default=[], help="config files, stacked as for fit")
+    parser.add_argument("--out", type=Path, help="the PNG to write")
+    args, overrides = parser.parse_known_args(argv)
+    if args.experiment:
+        curves = {name: schedule([*stack, *overrides]) for name, stack in variants(args.experiment).items()}
+        out, title = args.out or Path("logs/experiments") / args.experiment.name / "lr.png", args.experiment.name
+    elif args.config:
+        name = Path(args.config[-1]).stem
+        curves = {name: schedule([f"--config={c}" for c in args.config] + overrides)}
+        out, title = args.out or Path("logs/lr-plot") / f"{name}.png", " + ".join(Path(c).stem for c in args.config)
+    else:
+        parser.error("give --config files or an experiment directory")
+    plot(curves, out, title)
+    print(f"Wrote {out}")

@@ -1,0 +1,130 @@
+"""compare, lr-plot, and what a TensorBoard server shows of a run."""
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import ROOT, TINY, cli, fit_args, run
+
+from project.lr_plot import schedule
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def lr_at(config: str, epoch: float, *extra: str) -> float:
+    x, lr = schedule([f"--config={ROOT / 'configs/default.yaml'}", f"--config={ROOT / config}", *extra])
+    return lr[min(range(len(x)), key=lambda i: abs(x[i] - epoch))]
+
+
+def test_lr_schedules_without_training():
+    base = 0.003  # the default config's AdamW learning rate
+    assert lr_at("configs/schedulers/step.yaml", 2.9) == pytest.approx(base)
+    assert lr_at("configs/schedulers/step.yaml", 3.0) == pytest.approx(base / 2)
+    assert lr_at("configs/schedulers/multistep.yaml", 4.5) == pytest.approx(base)
+    assert lr_at("configs/schedulers/multistep.yaml", 5.5) == pytest.approx(base / 10)
+    restarts = "configs/schedulers/cosine_warm_restarts.yaml"
+    assert lr_at(restarts, 1.0) < base and lr_at(restarts, 2.0) == pytest.approx(base)  # T_0 = 2: a restart
+    x, lr = schedule(
+        [f"--config={ROOT / 'configs/default.yaml'}", f"--config={ROOT / 'configs/schedulers/onecycle.yaml'}"]
+    )
+    assert len(lr) == 8 * (55000 // 256)  # one point per optimizer step of an 8-epoch run
+    assert max(lr) == pytest.approx(0.01, rel=1e-3) and x[lr.index(max(lr))] == pytest.approx(8 * 0.3, abs=0.05)
+    assert lr[-1] < 1e-5
+    plateau = "configs/schedulers/plateau.yaml"
+    assert lr_at(plateau, 2.5) == pytest.approx(base) and lr_at(plateau, 7.5) < base
+
+
+def test_lr_plot_writes_a_png(tmp_path):
+    out = tmp_path / "lr.png"
+    result = run(["lr-plot", str(ROOT / "configs/experiments/schedulers"), f"--out={out}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.read_bytes().startswith(PNG) and f"Wrote {out}" in result.stdout
+
+
+def test_compare_runs_variants_reports_failures_and_reuses_finished_runs(tmp_path, fashion_dir):
+    experiment = tmp_path / "tiny"
+    experiment.mkdir()
+    (experiment / "base.yaml").write_text(f"trainer:\n  max_epochs: 2\ndata:\n  data_dir: {fashion_dir}\n")
+    (experiment / "mlp.yaml").write_text("model:\n  net:\n    class_path: project.models.MLP\n")
+    (experiment / "linear.yaml").write_text("model:\n  net:\n    class_path: project.models.SoftmaxRegression\n")
+    (experiment / "broken.yaml").write_text("model:\n  net:\n    class_path: project.models.Nope\n")
+    logs = tmp_path / "logs"
+    args = ["compare", str(experiment), f"--logs={logs}", "--", *TINY[1:], "--trainer.max_epochs=2"]
+    result = run(args)
+    assert result.returncode == 1  # a variant failed, and says so
+    assert "[1/3] tiny/broken: FAILED, exit 2" in result.stdout and "Nope" in result.stdout
+    with open(logs / "tiny" / "comparison.csv") as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    assert rows["broken"]["status"].startswith("failed, exit 2")
+    for name, params in (("mlp", 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10), ("linear", 7850)):
+        row = rows[name]
+        assert row["status"] == "ok" and row["epochs"] == "2" and int(row["params"]) == params
+        assert 0 < float(row["test acc"]) <= 1 and 0 <= int(row["best epoch"]) <= 1
+    assert "| linear | ok |" in (logs / "tiny" / "comparison.md").read_text()
+    assert (logs / "tiny" / "curves.png").read_bytes().startswith(PNG)
+
+    again = run(args)
+    assert "[2/3] tiny/linear: reusing" in again.stdout and "[3/3] tiny/mlp: reusing" in again.stdout
+    assert sorted(p.name for p in (logs / "tiny" / "mlp").iterdir()) == ["version_0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, data: dict | None = None):
+    body = json.dumps(data).encode() if data is not None else None
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"} if body else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_serves_the_runs_story(tmp_path, fashion_dir):
+    cli(fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"))
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", f"--logdir={tmp_path / 'logs'}", "--host=127.0.0.1",
+         f"--port={port}", "--reload_interval=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}/data/plugin"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                scalars = _get(f"{base}/scalars/tags")
+                if scalars:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "tensorboard did not come up"
+            time.sleep(0.5)
+        run_name = "fashion_mnist_cnn/version_0"
+        expected = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "val/f1",
+                    "val/acc_top5", "test/loss", "test/acc", "test/f1", "lr-AdamW", "model/params"}  # fmt: skip
+        assert expected <= set(scalars[run_name])
+        assert set(_get(f"{base}/images/tags")[run_name]) == {"test/confusion_matrix", "test/misclassified"}
+        assert _get(f"{base}/text/tags")[run_name] == ["model/summary/text_summary"]
+        layout = json.dumps(_get(f"{base}/custom_scalars/layout"))
+        assert '"train/loss_epoch", "val/loss"' in layout and '"train/acc", "val/acc"' in layout
+        assert _get(f"{base}/graphs/info")[run_name]["run_graph"]
+        experiment = _get(f"{base}/hparams/experiment", {"experimentName": ""})
+        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {"test/acc", "val/acc_best"} <= metrics
+        hparams = {h["name"] for h in experiment["hparamInfos"]}
+        assert {"net/class_path", "optimizer/init_args/lr", "batch_size", "dataset"} <= hparams
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_make_tensorboard_binds_to_loopback():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "HOST ?= 127.0.0.1" in makefile and "--host $(HOST)" in makefile
