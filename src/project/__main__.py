@@ -15,6 +15,7 @@ commands:
   resume    continue an interrupted run: resume logs/<name>/version_<n> [--KEY VALUE ...]
   compare   run configs (or an experiment directory) and compare them: table + curves
   lr-plot   plot a config's learning-rate schedule without training
+  search    hyperparameter search with Optuna; every trial a normal run, the study resumable
 
 Each command takes --help, e.g.  python -m project fit --help
 Train the default config:        python -m project fit --config configs/default.yaml
@@ -34,6 +35,10 @@ def main() -> None:
         from project.lr_plot import main as lr_plot
 
         return lr_plot(sys.argv[2:])
+    if command == "search":
+        from project.search import main as search
+
+        return search(sys.argv[2:])
     from project.cli import main as cli
 
     cli()

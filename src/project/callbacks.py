@@ -45,9 +45,10 @@ class CSVPredictionWriter(BasePredictionWriter):
 
 
 class TensorBoardReport(Callback):
-    """What TensorBoard shows of a run beyond Lightning's scalars: the model summary with shapes and parameters
-    per layer (TEXT), train and val curves on shared charts (CUSTOM SCALARS); after ``test``, a confusion matrix
-    and the misclassified test images (IMAGES), and the hyperparameters with the final metrics (HPARAMS)."""
+    """What TensorBoard shows of a run beyond Lightning's scalars: the model graph (GRAPHS), the model summary
+    with shapes and parameters per layer (TEXT), train and val curves on shared charts (CUSTOM SCALARS); after
+    ``test``, a confusion matrix and the misclassified test images (IMAGES), and the hyperparameters with the
+    final metrics (HPARAMS)."""
 
     def __init__(self, misclassified: int = 32):
         self.misclassified = misclassified
@@ -73,6 +74,8 @@ class TensorBoardReport(Callback):
         total = f"\n\n{summary.trainable_parameters:,} trainable parameters of {summary.total_parameters:,}"
         writer.add_text("model/summary", table + total)
         writer.add_scalar("model/params", summary.trainable_parameters, 0)
+        # here rather than by the logger (which traces again at every test): after fit starts the net may be compiled
+        writer.add_graph(pl_module, pl_module.example_input_array.to(pl_module.device))
         writer.add_custom_scalars(
             {
                 "train vs val": {

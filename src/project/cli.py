@@ -26,7 +26,7 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 50,
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "logs", "name": "default", "default_hp_metric": False, "log_graph": True},
+        "init_args": {"save_dir": "logs", "name": "default", "default_hp_metric": False},
     },
     # appended to every run's callbacks, whatever the config's trainer.callbacks says
     "callbacks": [CSVPredictionWriter(), TensorBoardReport()],

@@ -42,8 +42,6 @@ class ImageClassifier(LightningModule):
         self.net = net(in_shape, 1 if self.binary else num_classes)
         if channels_last:  # NHWC convolutions: faster with tensor cores (mixed precision on recent GPUs)
             self.net = self.net.to(memory_format=torch.channels_last)
-        if compile:  # in place, so checkpoints keep the plain module's keys
-            self.net.compile()
         self.optimizer, self.scheduler = optimizer, scheduler
         self.example_input_array = torch.zeros(2, *in_shape)
 
@@ -63,6 +61,12 @@ class ImageClassifier(LightningModule):
         """Every name this module logs; callbacks may only monitor these."""
         names = {"train/loss", "train/acc", "val/loss", "val/acc_best", "test/loss"}
         return names | set(self.val_metrics.keys()) | set(self.test_metrics.keys())
+
+    def on_train_start(self) -> None:
+        # in place, so checkpoints keep the plain module's keys; not before Lightning has traced the graph for
+        # TensorBoard, which cannot trace compiled code
+        if self.hparams.compile:
+            self.net.compile()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:

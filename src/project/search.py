@@ -1,0 +1,247 @@
+"""``python -m project search``: hyperparameter search with Optuna over any config key; every trial is a normal run.
+
+    python -m project search --config configs/default.yaml --space configs/search/fashion_mnist.yaml --trials 20
+    python -m project search ... --sampler grid                        # every combination of the space's choices
+    python -m project search ... --storage postgresql://user@host/db   # many workers on many machines
+
+The study lives in an Optuna RDB storage, ``logs/search/<study>/study.db`` (SQLite) unless ``--storage`` names
+another. Rerunning the same command continues the study until it holds ``--trials`` finished trials: a search
+killed with -9 loses only its running trial, which the next start marks failed and retries. Workers started on
+the same storage share the study. Each trial trains as ``logs/search/<study>/trial_<n>/version_0`` and reports
+its monitored metric after every epoch; Optuna's median pruner stops those that fall behind. At the end:
+``best.yaml`` (train it with ``python -m project fit --config best.yaml``), ``trials.md``/``trials.csv``,
+``history.png`` and ``importances.png``.
+
+The space is YAML, one entry per config key (or ``configs`` to choose between whole config files):
+
+    model.optimizer.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+    data.batch_size: {choices: [128, 256, 512]}
+    model.net.init_args.dropout: {low: 0.0, high: 0.5}
+    optimizer: {configs: [configs/optimizers/adamw.yaml, configs/optimizers/sgd_nesterov.yaml]}
+"""
+
+import argparse
+import csv
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from project.errors import ConfigError, ProjectError
+
+PRUNED_EXIT = 3
+
+
+class Pruned(ProjectError):
+    exit_code = PRUNED_EXIT
+
+
+class OptunaReport(Callback):
+    """In a trial's run: reports ``monitor`` to the Optuna trial after each validation, and stops the run when the
+    study's median pruner finds it behind the other trials at that epoch."""
+
+    def __init__(self, storage: str, study: str, trial_id: int, monitor: str, startup_trials: int, warmup_epochs: int):
+        self.storage, self.study, self.trial_id, self.monitor = storage, study, trial_id, monitor
+        self.pruner = optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        study = optuna.load_study(study_name=self.study, storage=storage(self.storage), pruner=self.pruner)
+        self.trial = optuna.trial.Trial(study, self.trial_id)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        value = trainer.callback_metrics[self.monitor].item()
+        self.trial.report(value, trainer.current_epoch)
+        if self.trial.should_prune():
+            raise Pruned(
+                f"trial {self.trial.number} pruned at epoch {trainer.current_epoch}: {self.monitor}={value:.4f}"
+            )
+
+
+def storage(url: str, heartbeat: int = 10) -> optuna.storages.RDBStorage:
+    """The study's storage: heartbeats let a restarted search fail (and retry) the trial a killed one left running."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # two workers on one SQLite file
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=kwargs,
+        heartbeat_interval=heartbeat,
+        grace_period=3 * heartbeat,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+    )
+
+
+def load_space(path: Path) -> dict[str, dict]:
+    space = yaml.safe_load(path.read_text()) or {}
+    for key, spec in space.items():
+        kind = {"configs", "choices"} & set(spec) or ({"low", "high"} <= set(spec) and {"range"})
+        unknown = set(spec) - {"configs", "choices", "low", "high", "log", "step"}
+        if not kind or unknown:
+            raise ConfigError(
+                f"{path}: {key}: {spec} is not a search dimension; give {{low, high[, log, step]}}, {{choices: [...]}} "
+                "or {configs: [files]}."
+            )
+    return space
+
+
+def suggest(trial: optuna.Trial, space: dict[str, dict]) -> None:
+    for key, spec in space.items():
+        if "configs" in spec or "choices" in spec:
+            trial.suggest_categorical(key, spec.get("configs", spec.get("choices")))
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
+            trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
+        else:
+            trial.suggest_float(key, spec["low"], spec["high"], step=spec.get("step"), log=spec.get("log", False))
+
+
+def config_args(params: dict, space: dict[str, dict]) -> list[str]:
+    """A trial's parameters as ``fit`` arguments: ``--config=FILE`` for a chosen config, ``--KEY=VALUE`` otherwise."""
+    return [f"--config={v}" if "configs" in space[k] else f"--{k}={json.dumps(v)}" for k, v in params.items()]
+
+
+def _die_with_parent() -> None:
+    # a trial must not outlive a search killed with -9 (Linux: PR_SET_PDEATHSIG = 1)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
+def best_value(trial: optuna.trial.FrozenTrial, maximize: bool) -> float | None:
+    values = trial.intermediate_values.values()
+    return (max if maximize else min)(values) if values else None
+
+
+def write_reports(study: optuna.Study, space: dict, base: list[str], directory: Path, monitor: str) -> None:
+    keys = list(space)
+    columns = ["trial", "state", monitor, "epochs", "seconds", "worker", *keys]
+    rows = []
+    for t in study.trials:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        value = t.value if t.value is not None else best_value(t, study.direction.name == "MAXIMIZE")
+        rows.append(
+            {"trial": t.number, "state": t.state.name, monitor: None if value is None else round(value, 4),
+             "epochs": len(t.intermediate_values), "seconds": None if seconds is None else round(seconds, 1),
+             "worker": t.user_attrs.get("worker"), **{k: t.params.get(k) for k in keys}}
+        )  # fmt: skip
+    with open(directory / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    table += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |" for r in rows]
+    (directory / "trials.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as plots
+
+    plots.plot_optimization_history(study).figure.savefig(directory / "history.png", dpi=90, bbox_inches="tight")
+    try:
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        ax = plots.plot_param_importances(study, evaluator=evaluator)
+        ax.figure.savefig(directory / "importances.png", dpi=90, bbox_inches="tight")
+    except (RuntimeError, ValueError) as err:  # too few finished trials, or a space of one point
+        print(f"No parameter importances yet: {err}")
+
+    best = study.best_trial
+    resolved = subprocess.run(
+        [sys.executable, "-m", "project", "fit", *base, *config_args(best.params, space),
+         f"--trainer.logger.init_args.name={study.study_name}_best", "--print_config"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    (directory / "best.yaml").write_text(
+        f"# best of study {study.study_name}: trial {best.number}, {monitor}={best.value:.4f}\n{resolved}"
+    )
+    print(f"\nBest: trial {best.number}, {monitor}={best.value:.4f} -> {directory / 'best.yaml'}")
+
+
+def main(argv: list[str]) -> None:
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    parser = argparse.ArgumentParser(prog="python -m project search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", required=True, help="the base config files, stacked")
+    parser.add_argument("--space", type=Path, required=True, help="the search space (YAML)")
+    parser.add_argument("--trials", type=int, default=20, help="finished (complete or pruned) trials the study needs")
+    parser.add_argument("--study", help="the study's name (default: the space file's name)")
+    parser.add_argument("--storage", help="an SQLAlchemy URL (default: sqlite:///logs/search/<study>/study.db)")
+    parser.add_argument("--sampler", choices=["tpe", "grid"], default="tpe")
+    parser.add_argument("--monitor", default="val/acc")
+    parser.add_argument("--direction", choices=["maximize", "minimize"], default="maximize")
+    parser.add_argument("--startup-trials", type=int, default=3, help="trials that run unpruned before pruning starts")
+    parser.add_argument("--warmup-epochs", type=int, default=1, help="epochs of each trial that are never pruned")
+    parser.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logs", type=Path, default=Path("logs/search"))
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    try:
+        run_search(args, extra)
+    except ProjectError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+def run_search(args: argparse.Namespace, extra: list[str]) -> None:
+    space = load_space(args.space)
+    name = args.study or args.space.stem
+    directory = args.logs / name
+    directory.mkdir(parents=True, exist_ok=True)
+    url = args.storage or f"sqlite:///{directory / 'study.db'}"
+    base = [f"--config={c}" for c in args.config]
+    if args.sampler == "grid":
+        if missing := [k for k, s in space.items() if "low" in s]:
+            raise ConfigError(f"--sampler grid needs choices for every key; {', '.join(missing)} has a range.")
+        grid = {k: s.get("configs", s.get("choices")) for k, s in space.items()}
+        sampler = optuna.samplers.GridSampler(grid, seed=args.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=args.seed)
+    study = optuna.create_study(study_name=name, storage=storage(url, args.heartbeat), sampler=sampler,
+                                direction=args.direction, load_if_exists=True)  # fmt: skip
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    maximize = args.direction == "maximize"
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial: optuna.Trial) -> float:
+        suggest(trial, space)
+        trial.set_user_attr("worker", worker)
+        run_name = f"trial_{trial.number:03d}"
+        # the trial's id lets the run's callback report to this very trial from its own process
+        report = {"class_path": "project.search.OptunaReport", "init_args": {
+            "storage": url, "study": name, "trial_id": trial._trial_id, "monitor": args.monitor,
+            "startup_trials": args.startup_trials, "warmup_epochs": args.warmup_epochs}}  # fmt: skip
+        command = [sys.executable, "-m", "project", "fit", *base, *config_args(trial.params, space),
+                   f"--trainer.logger.init_args.save_dir={directory}", f"--trainer.logger.init_args.name={run_name}",
+                   f"--trainer.callbacks+={json.dumps(report)}", *extra]  # fmt: skip
+        shown = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+        print(f"trial {trial.number} ({shown}): training", flush=True)
+        start = time.monotonic()
+        with open(directory / f"{run_name}.log", "w") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent).returncode
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        value = best_value(frozen, maximize)
+        took = f"{time.monotonic() - start:.0f} s"
+        if code == PRUNED_EXIT:
+            print(f"trial {trial.number}: pruned after {len(frozen.intermediate_values)} epochs ({took})", flush=True)
+            raise optuna.TrialPruned()
+        if code != 0 or value is None:
+            raise RuntimeError(f"trial {trial.number} failed (exit {code}); see {directory / run_name}.log")
+        print(f"trial {trial.number}: {args.monitor}={value:.4f} ({took})", flush=True)
+        return value
+
+    def enough(study: optuna.Study, _) -> None:
+        if len(study.get_trials(deepcopy=False, states=finished)) >= args.trials:
+            study.stop()
+
+    if len(study.get_trials(deepcopy=False, states=finished)) < args.trials:
+        study.optimize(objective, callbacks=[enough], catch=(RuntimeError,))
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise ProjectError(f"study {name} has no complete trial; see the logs in {directory}")
+    write_reports(study, space, base, directory, args.monitor)
