@@ -39,7 +39,7 @@ def test_two_nodes_with_torchrun_match_one_process_of_the_same_global_batch(tmp_
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for rank in range(2)
     ]
     single = subprocess.run([sys.executable, "-m", "project", *_args(tmp_path, fashion_dir, "one_process", 100)],
