@@ -70,11 +70,12 @@ def test_kill_9_loses_only_the_running_trial_and_the_same_command_continues(tmp_
     env = {**os.environ, **OFFLINE}
     search = subprocess.Popen([sys.executable, "-m", "project", *args], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    db = tmp_path / "search" / "space" / "study.db"
     deadline = time.monotonic() + 240
     while True:
         assert time.monotonic() < deadline and search.poll() is None
         try:
-            states = [t.state for t in study(tmp_path).trials]
+            states = [t.state for t in study(tmp_path).trials] if db.exists() else []
         except KeyError:  # the file exists before the study is written into it
             states = []
         if optuna.trial.TrialState.COMPLETE in states and states[-1] == optuna.trial.TrialState.RUNNING:
