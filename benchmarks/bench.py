@@ -46,6 +46,7 @@ def default_recipe() -> dict:
         "batch_size": config["data"]["batch_size"],
         "optimizer": config["model"]["optimizer"]["init_args"],
         "max_lr": config["model"]["scheduler"]["init_args"]["max_lr"],
+        "channels_last": config["model"].get("channels_last", False),
     }
 
 
@@ -76,6 +77,8 @@ def hand_written(dm: ImageDataModule, recipe: dict, epochs: int) -> float:
     torch.manual_seed(42)
     x, y, bs = dm.train_set.x, dm.train_set.y, recipe["batch_size"]
     net = ConvNet((1, 28, 28), 10, recipe["widths"])
+    layout = torch.channels_last if recipe["channels_last"] else torch.contiguous_format
+    net = net.to(memory_format=layout)
     optimizer = torch.optim.AdamW(net.parameters(), **recipe["optimizer"])
     steps = len(y) // bs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe["max_lr"], total_steps=steps * epochs)
@@ -85,7 +88,7 @@ def hand_written(dm: ImageDataModule, recipe: dict, epochs: int) -> float:
         order = torch.randperm(len(y))
         for i in range(steps):
             idx = order[i * bs : (i + 1) * bs]
-            loss = F.cross_entropy(net(dm.normalize(x[idx])), y[idx])
+            loss = F.cross_entropy(net(dm.normalize(x[idx]).contiguous(memory_format=layout)), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -122,12 +125,14 @@ def seeds_pipeline(data_dir: Path, recipe: dict, batches: int) -> float:
     dataset = datasets.FashionMNIST(str(data_dir), train=True, download=False, transform=transforms.ToTensor())
     loader = DataLoader(dataset, batch_size=recipe["batch_size"], shuffle=True)
     net = ConvNet((1, 28, 28), 10, recipe["widths"])
+    layout = torch.channels_last if recipe["channels_last"] else torch.contiguous_format
+    net = net.to(memory_format=layout)
     optimizer = torch.optim.AdamW(net.parameters(), **recipe["optimizer"])
     start, seen = None, 0
     for i, (x, y) in enumerate(loader):
         if i == 5:  # warm-up batches excluded, as for the other two
             start, seen = time.perf_counter(), 0
-        loss = F.cross_entropy(net(x), y)
+        loss = F.cross_entropy(net(x.contiguous(memory_format=layout)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -213,7 +218,8 @@ def main() -> None:
     dm.setup("fit")
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     print(f"# Benchmark ({os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
-    print(f"Default config: ConvNet widths {recipe['widths']}, batch {recipe['batch_size']}, AdamW + one-cycle.\n")
+    print(f"Default config: ConvNet widths {recipe['widths']}, batch {recipe['batch_size']}, AdamW + one-cycle, "
+          f"channels_last={recipe['channels_last']}.\n")  # fmt: skip
 
     print("## Data path (samples/s, no model)\n\n| loader | samples/s |\n|---|---|")
     for name, rate in data_path(dm, recipe["batch_size"]).items():
