@@ -1,6 +1,7 @@
 import hashlib
 import os
 import pickle
+import socket
 import struct
 import subprocess
 import sys
@@ -65,6 +66,12 @@ def run(args: list[str], timeout: float = 300, **kwargs) -> subprocess.Completed
         timeout=timeout,
         **kwargs,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -2,14 +2,13 @@
 
 import csv
 import json
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, TINY, cli, fit_args, run
+from conftest import ROOT, TINY, cli, fit_args, free_port, run
 
 from project.lr_plot import schedule
 
@@ -73,12 +72,6 @@ def test_compare_runs_variants_reports_failures_and_reuses_finished_runs(tmp_pat
     assert sorted(p.name for p in (logs / "tiny" / "mlp").iterdir()) == ["version_0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, data: dict | None = None):
     body = json.dumps(data).encode() if data is not None else None
     request = urllib.request.Request(url, body, {"Content-Type": "application/json"} if body else {})
@@ -88,7 +81,7 @@ def _get(url: str, data: dict | None = None):
 
 def test_tensorboard_serves_the_runs_story(tmp_path, fashion_dir):
     cli(fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"))
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", f"--logdir={tmp_path / 'logs'}", "--host=127.0.0.1",
          f"--port={port}", "--reload_interval=1"],

@@ -2,17 +2,10 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
-from conftest import OFFLINE, ROOT, fit_args
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import OFFLINE, ROOT, fit_args, free_port
 
 
 def _args(tmp_path, fashion_dir, name: str, batch_size: int) -> list[str]:
@@ -26,7 +19,7 @@ def _args(tmp_path, fashion_dir, name: str, batch_size: int) -> list[str]:
 
 def test_two_nodes_with_torchrun_match_one_process_of_the_same_global_batch(tmp_path, fashion_dir):
     env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT / "tests")}
-    port = _port()
+    port = free_port()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test"]  # fmt: skip
     two_nodes = [*_args(tmp_path, fashion_dir, "two_nodes", 50), "--trainer.num_nodes=2", "--trainer.devices=1",
