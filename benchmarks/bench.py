@@ -4,7 +4,8 @@
     python benchmarks/bench.py --quick   # throughput, data path, RSS and --help only (about 5 minutes)
 
 1. data path: samples/s of a DataLoader over a TensorDataset, of the template's loader, and of slicing
-   a whole tensor by a random permutation (no model);
+   a whole tensor by a random permutation (no model); then the CPU settings the defaults were chosen by:
+   images/s of the default net per batch size and thread count, and the loader with 0 or 2 workers;
 2. training images/s on the same model, data, batch size, optimizer and schedule (the default config):
    (a) the template's ``fit``, (b) a hand-written loop over the same in-memory tensors, (c) the seeds'
    pipeline (torchvision dataset + per-item ToTensor + DataLoader), interleaved over rounds, medians;
@@ -70,6 +71,48 @@ def data_path(dm: ImageDataModule, batch_size: int) -> dict:
         "tensor[randperm] slices": sliced,
     }
     return {name: statistics.median(rate(make()) for _ in range(3)) for name, make in loaders.items()}
+
+
+def step_rate(dm: ImageDataModule, recipe: dict, batch_size: int, steps: int = 25) -> float:
+    """Training images/s of the default net at one batch size (median step time after 5 warm-up steps)."""
+    torch.manual_seed(0)
+    net = ConvNet((1, 28, 28), 10, recipe["widths"])
+    layout = torch.channels_last if recipe["channels_last"] else torch.contiguous_format
+    net = net.to(memory_format=layout)
+    optimizer = torch.optim.AdamW(net.parameters(), **recipe["optimizer"])
+    times = []
+    for _ in range(steps + 5):
+        idx = torch.randint(0, len(dm.train_set.y), (batch_size,))
+        start = time.perf_counter()
+        loss = F.cross_entropy(
+            net(dm.normalize(dm.train_set.x[idx]).contiguous(memory_format=layout)), dm.train_set.y[idx]
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return batch_size / statistics.median(times[5:])
+
+
+def cpu_settings(dm: ImageDataModule, recipe: dict) -> None:
+    print("\n## CPU settings (the default net; images/s)\n\n| batch size | 1 thread | 2 threads |\n|---|---|---|")
+    threads = torch.get_num_threads()
+    for batch_size in (64, 128, 256, 512, 1024):
+        rates = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            rates.append(step_rate(dm, recipe, batch_size))
+        print(f"| {batch_size} | {rates[0]:.0f} | {rates[1]:.0f} |")
+    torch.set_num_threads(threads)
+    print("\n| template loader | samples/s |\n|---|---|")
+    for workers in (0, 2):
+        dm.hparams.num_workers = workers
+        loader = dm.train_dataloader()
+        next(iter(loader))  # workers started
+        start = time.perf_counter()
+        n = sum(len(b[1]) for b in loader)
+        print(f"| num_workers={workers} | {n / (time.perf_counter() - start) / 1e6:.2f} M |")
+    dm.hparams.num_workers = 0
 
 
 def hand_written(dm: ImageDataModule, recipe: dict, epochs: int) -> float:
@@ -224,6 +267,8 @@ def main() -> None:
     print("## Data path (samples/s, no model)\n\n| loader | samples/s |\n|---|---|")
     for name, rate in data_path(dm, recipe["batch_size"]).items():
         print(f"| {name} | {rate / 1e6:.2f} M |")
+
+    cpu_settings(dm, recipe)
 
     rates = {"template fit": [], "hand-written loop": [], "seeds' pipeline": []}
     for r in range(args.rounds):
