@@ -7,8 +7,10 @@
    a whole tensor by a random permutation (no model); then the CPU settings the defaults were chosen by:
    images/s of the default net per batch size and thread count, and the loader with 0 or 2 workers;
 2. training images/s on the same model, data, batch size, optimizer and schedule (the default config):
-   (a) the template's ``fit``, (b) a hand-written loop over the same in-memory tensors, (c) the seeds'
-   pipeline (torchvision dataset + per-item ToTensor + DataLoader), interleaved over rounds, medians;
+   (a) the template's ``fit``, (b) a hand-written loop over the same in-memory tensors, one epoch of it run right
+   after each of the template's epochs in the same process (this machine's speed drifts by 10% from minute to
+   minute, so only epochs timed side by side compare), (c) the seeds' pipeline (torchvision dataset + per-item
+   ToTensor + DataLoader);
 3. time to accuracy: wall time from process launch until a recipe first reaches 0.91 / 0.93 test accuracy
    (test set evaluated after every epoch), the template's recipes against the seeds' (seed 004's fit loop
    with Adam 1e-3, batch 200, on seed 000's CNN);
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from clocks import PairedEpochs  # benchmarks/, this script's directory
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,20 +76,23 @@ def data_path(dm: ImageDataModule, batch_size: int) -> dict:
     return {name: statistics.median(rate(make()) for _ in range(3)) for name, make in loaders.items()}
 
 
+def net_and_optimizer(recipe: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.memory_format]:
+    """The default config's net (in its memory layout) and AdamW, seeded alike for every contestant."""
+    torch.manual_seed(42)
+    layout = torch.channels_last if recipe["channels_last"] else torch.contiguous_format
+    net = ConvNet((1, 28, 28), 10, recipe["widths"]).to(memory_format=layout)
+    return net, torch.optim.AdamW(net.parameters(), **recipe["optimizer"]), layout
+
+
 def step_rate(dm: ImageDataModule, recipe: dict, batch_size: int, steps: int = 25) -> float:
     """Training images/s of the default net at one batch size (median step time after 5 warm-up steps)."""
-    torch.manual_seed(0)
-    net = ConvNet((1, 28, 28), 10, recipe["widths"])
-    layout = torch.channels_last if recipe["channels_last"] else torch.contiguous_format
-    net = net.to(memory_format=layout)
-    optimizer = torch.optim.AdamW(net.parameters(), **recipe["optimizer"])
+    net, optimizer, layout = net_and_optimizer(recipe)
     times = []
     for _ in range(steps + 5):
         idx = torch.randint(0, len(dm.train_set.y), (batch_size,))
         start = time.perf_counter()
-        loss = F.cross_entropy(
-            net(dm.normalize(dm.train_set.x[idx]).contiguous(memory_format=layout)), dm.train_set.y[idx]
-        )
+        x = dm.normalize(dm.train_set.x[idx]).contiguous(memory_format=layout)
+        loss = F.cross_entropy(net(x), dm.train_set.y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -115,62 +121,60 @@ def cpu_settings(dm: ImageDataModule, recipe: dict) -> None:
     dm.hparams.num_workers = 0
 
 
-def hand_written(dm: ImageDataModule, recipe: dict, epochs: int) -> float:
-    """The same net, AdamW + one-cycle schedule and normalisation as the default config, as a plain loop."""
-    torch.manual_seed(42)
-    x, y, bs = dm.train_set.x, dm.train_set.y, recipe["batch_size"]
-    net = ConvNet((1, 28, 28), 10, recipe["widths"])
-    layout = torch.channels_last if recipe["channels_last"] else torch.contiguous_format
-    net = net.to(memory_format=layout)
-    optimizer = torch.optim.AdamW(net.parameters(), **recipe["optimizer"])
-    steps = len(y) // bs
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe["max_lr"], total_steps=steps * epochs)
-    rates = []
-    for _ in range(epochs):
+class HandWritten:
+    """The default config's net, AdamW + one-cycle schedule and normalisation as a plain PyTorch loop over the same
+    in-memory tensors; each call trains one epoch and returns its images/s."""
+
+    def __init__(self, dm: ImageDataModule, recipe: dict, epochs: int):
+        self.x, self.y, self.batch_size = dm.train_set.x, dm.train_set.y, recipe["batch_size"]
+        self.normalize = dm.normalize
+        self.net, self.optimizer, self.layout = net_and_optimizer(recipe)
+        self.steps = len(self.y) // self.batch_size
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, recipe["max_lr"], total_steps=self.steps * epochs
+        )
+
+    def __call__(self) -> float:
         start = time.perf_counter()
-        order = torch.randperm(len(y))
-        for i in range(steps):
-            idx = order[i * bs : (i + 1) * bs]
-            loss = F.cross_entropy(net(dm.normalize(x[idx]).contiguous(memory_format=layout)), y[idx])
-            optimizer.zero_grad(set_to_none=True)
+        order = torch.randperm(len(self.y))
+        for i in range(self.steps):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.normalize(self.x[idx]).contiguous(memory_format=self.layout)
+            loss = F.cross_entropy(self.net(x), self.y[idx])
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
-        rates.append(steps * bs / (time.perf_counter() - start))
-    return statistics.median(rates[1:])
+            self.optimizer.step()
+            self.scheduler.step()
+        return self.steps * self.batch_size / (time.perf_counter() - start)
 
 
-def template_fit(data_dir: Path, epochs: int, workdir: Path) -> float:
+def paired_fit(data_dir: Path, epochs: int, workdir: Path, hand_written: HandWritten) -> PairedEpochs:
+    """The template's ``fit`` of the default config, each epoch followed by one hand-written epoch."""
     from project.cli import CLI
 
-    out = workdir / "throughput.json"
-    callback = json.dumps({"class_path": "clocks.TrainThroughput", "init_args": {"out": str(out)}})
-    CLI(
+    cli = CLI(
         args=[
-            "fit",
             f"--config={DEFAULT}",
             f"--data.data_dir={data_dir}",
             f"--trainer.logger.init_args.save_dir={workdir / 'logs'}",
             f"--trainer.max_epochs={epochs}",
             "--trainer.limit_val_batches=1",
-            "--trainer.limit_test_batches=1",
-            f"--trainer.callbacks+={callback}",
-        ]
+        ],
+        run=False,
     )
-    return statistics.median(json.loads(out.read_text())[1:])
+    clock = PairedEpochs(hand_written)
+    cli.trainer.callbacks.append(clock)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return clock
 
 
 def seeds_pipeline(data_dir: Path, recipe: dict, batches: int) -> float:
     """Seed 004's loader (torchvision FashionMNIST + ToTensor, shuffled DataLoader) feeding the same net and step."""
     from torchvision import datasets, transforms
 
-    torch.manual_seed(42)
     dataset = datasets.FashionMNIST(str(data_dir), train=True, download=False, transform=transforms.ToTensor())
+    net, optimizer, layout = net_and_optimizer(recipe)
     loader = DataLoader(dataset, batch_size=recipe["batch_size"], shuffle=True)
-    net = ConvNet((1, 28, 28), 10, recipe["widths"])
-    layout = torch.channels_last if recipe["channels_last"] else torch.contiguous_format
-    net = net.to(memory_format=layout)
-    optimizer = torch.optim.AdamW(net.parameters(), **recipe["optimizer"])
     start, seen = None, 0
     for i, (x, y) in enumerate(loader):
         if i == 5:  # warm-up batches excluded, as for the other two
@@ -246,7 +250,7 @@ def template_recipe(config: str, data_dir: Path, workdir: Path) -> tuple[list[di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the time-to-accuracy runs")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds")
+    parser.add_argument("--epochs", type=int, default=7, help="paired throughput epochs (1st: warm-up)")
     parser.add_argument("--seeds-epochs", type=int, default=12, help="epochs the seeds' recipe may take")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
     parser.add_argument("--seeds-recipe", type=Path, help=argparse.SUPPRESS)  # the child process of part 3
@@ -254,7 +258,6 @@ def main() -> None:
     if args.seeds_recipe:
         return seeds_recipe(args.data_dir, args.seeds_epochs, args.seeds_recipe, [0.91, 0.93])
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     recipe = default_recipe()
     dm = ImageDataModule("fashion_mnist", str(args.data_dir), batch_size=recipe["batch_size"])
     dm.prepare_data()
@@ -270,19 +273,19 @@ def main() -> None:
 
     cpu_settings(dm, recipe)
 
-    rates = {"template fit": [], "hand-written loop": [], "seeds' pipeline": []}
-    for r in range(args.rounds):
-        rates["hand-written loop"].append(hand_written(dm, recipe, epochs=3))
-        rates["template fit"].append(template_fit(args.data_dir, 3, workdir / f"round{r}"))
-        rates["seeds' pipeline"].append(seeds_pipeline(args.data_dir, recipe, batches=100))
+    clock = paired_fit(args.data_dir, args.epochs, workdir, HandWritten(dm, recipe, args.epochs))
+    seeds = [seeds_pipeline(args.data_dir, recipe, batches=100) for _ in range(3)]
+    rates = {"template fit": clock.template[1:], "hand-written loop": clock.paired[1:], "seeds' pipeline": seeds}
     loop = statistics.median(rates["hand-written loop"])
-    print("\n## Training throughput (images/s, median of rounds; epochs after the first)\n")
-    print("| | images/s | per round | vs hand-written |\n|---|---|---|---|")
+    print("\n## Training throughput (images/s; epochs after the first, each template epoch paired with a hand-written")
+    print("one right after it; the seeds' pipeline: 3 runs of 100 batches)\n")
+    print("| | median images/s | each | vs hand-written |\n|---|---|---|---|")
     for name, values in rates.items():
         shown = ", ".join(f"{v:.0f}" for v in values)
         print(f"| {name} | {statistics.median(values):.0f} | {shown} | {statistics.median(values) / loop:.3f}x |")
-    ratios = [t / h for t, h in zip(rates["template fit"], rates["hand-written loop"], strict=True)]
-    print(f"\nTemplate / hand-written, round by round: {', '.join(f'{r:.3f}' for r in ratios)}")
+    ratios = [t / h for t, h in zip(clock.template[1:], clock.paired[1:], strict=True)]
+    print(f"\nTemplate / hand-written, epoch by epoch: {', '.join(f'{r:.3f}' for r in ratios)}; "
+          f"median {statistics.median(ratios):.3f}")  # fmt: skip
 
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "project", "--help"], cwd=ROOT, capture_output=True, check=True)

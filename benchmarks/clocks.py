@@ -1,4 +1,5 @@
-"""Callbacks the benchmark adds to template runs (``--trainer.callbacks+=clocks.X``, benchmarks/ on PYTHONPATH)."""
+"""Callbacks the benchmark adds to template runs (in process, or ``--trainer.callbacks+=clocks.X`` with benchmarks/ on
+PYTHONPATH)."""
 
 import json
 import os
@@ -8,11 +9,13 @@ import torch
 from lightning.pytorch import Callback
 
 
-class TrainThroughput(Callback):
-    """Training images/s of each epoch, from the first batch's start to the last batch's end (validation excluded)."""
+class PairedEpochs(Callback):
+    """Training images/s of each template epoch (first batch's start to last batch's end, validation excluded), each
+    followed at once by one epoch of ``other`` (a callable that trains an epoch and returns its images/s) in the same
+    process: the two are timed seconds apart, under the same load of a noisy machine."""
 
-    def __init__(self, out: str):
-        self.out, self.rates = out, []
+    def __init__(self, other):
+        self.other, self.template, self.paired = other, [], []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.images, self.start = 0, time.perf_counter()
@@ -21,9 +24,8 @@ class TrainThroughput(Callback):
         self.images, self.end = self.images + len(batch[1]), time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.rates.append(self.images / (self.end - self.start))
-        with open(self.out, "w") as f:
-            json.dump(self.rates, f)
+        self.template.append(self.images / (self.end - self.start))
+        self.paired.append(self.other())
 
 
 class TestAccuracyClock(Callback):

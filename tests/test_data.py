@@ -185,3 +185,15 @@ def test_wrong_image_shape_caught_at_setup(fake_mnist, monkeypatch):
 
 def test_repo_data_dir_is_ignored_by_git():
     assert "/data/" in (ROOT / ".gitignore").read_text()
+
+
+def test_on_device_serves_batches_from_the_trainers_device(fashion_dir):
+    # the meta device stands in for a GPU: the splits move there once, batches are sliced there, nothing is pinned
+    dm = setup(ImageDataModule("fashion_mnist", str(fashion_dir), on_device=True), "fit")
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    loader = dm.train_dataloader()
+    assert dm.train_set.x.is_meta and dm.train_set.y.is_meta and not loader.pin_memory
+    x, y = next(iter(loader))
+    assert x.is_meta and x.shape == (256, 1, 28, 28) and y.is_meta
+    with pytest.raises(ConfigError, match=r"data\.on_device .* set data\.num_workers to 0"):
+        ImageDataModule("fashion_mnist", str(fashion_dir), on_device=True, num_workers=2)

@@ -52,6 +52,8 @@ class ImageDataModule(LightningDataModule):
     test set stays the test set and is what ``predict`` labels. Batches reach the device as ``uint8``;
     augmentation (``crop_padding``, ``hflip``) and normalisation with the dataset's mean/std run there on
     the whole batch. ``positive_class`` turns the task into one-vs-rest binary classification.
+    ``on_device`` keeps the splits in the accelerator's memory (60,000 28x28 images take 47 MB), so that a batch
+    is one slice there and no step waits for a host-to-device copy.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class ImageDataModule(LightningDataModule):
         num_workers: int = 0,
         download: bool = True,
         split_seed: int = 0,
+        on_device: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -75,6 +78,8 @@ class ImageDataModule(LightningDataModule):
             raise ConfigError(f"data.batch_size ({batch_size}) and data.eval_batch_size must be at least 1.")
         if crop_padding < 0 or num_workers < 0:
             raise ConfigError("data.crop_padding and data.num_workers cannot be negative.")
+        if on_device and num_workers:
+            raise ConfigError("data.on_device serves batches from the accelerator's memory: set data.num_workers to 0.")
         if not ((isinstance(val_size, int) and val_size >= 1) or (isinstance(val_size, float) and 0 < val_size < 1)):
             raise ConfigError(
                 f"data.val_size={val_size} cannot split the train set: give a count of images (1 or more) "
@@ -150,7 +155,9 @@ class ImageDataModule(LightningDataModule):
 
     def _loader(self, data: _Tensors | None, batch_size: int, shuffle: bool = False, drop_last: bool = False):
         workers = self.hparams.num_workers
-        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self.hparams.on_device:
+            data.x, data.y = data.x.to(device), data.y.to(device)  # once: a no-op when already there
         order = RandomSampler(data) if shuffle else SequentialSampler(data)
         return DataLoader(
             data,
@@ -158,7 +165,7 @@ class ImageDataModule(LightningDataModule):
             collate_fn=_batch_as_is,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=on_gpu,
+            pin_memory=device.type == "cuda" and not self.hparams.on_device,
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
