@@ -25,3 +25,20 @@ def test_recipe_trains_and_tests(request, tmp_path, config, data, extra):
     assert (tmp_path / "logs" / name / "version_0" / "checkpoints" / "last.ckpt").exists()
     assert c.trainer.ckpt_path == c.trainer.checkpoint_callback.best_model_path
     assert 0 <= c.trainer.callback_metrics["test/acc"] <= 1
+
+
+def test_gpu_recipe_trains_with_its_data_held_on_the_device(tmp_path, fashion_dir):
+    # on the CPU here, in fp32: the recipe's config is valid and data.on_device serves every stage
+    c = cli(
+        fit_args(
+            tmp_path,
+            fashion_dir,
+            "--trainer.accelerator=cpu",
+            "--trainer.precision=32-true",
+            "--trainer.limit_train_batches=40",
+            config="configs/fashion_mnist_gpu.yaml",
+        )
+    )
+    assert c.datamodule.hparams.on_device and c.datamodule.test_set.x.device == c.trainer.strategy.root_device
+    assert c.trainer.ckpt_path == c.trainer.checkpoint_callback.best_model_path
+    assert c.trainer.callback_metrics["test/acc"] > 0.5
