@@ -18,6 +18,7 @@
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -225,14 +226,23 @@ def seeds_recipe(data_dir: Path, epochs: int, out: Path, targets: list[float]) -
 
 
 def launch(args: list[str], out: Path) -> tuple[list[dict], int]:
-    """Runs a child with BENCH_T0 = its launch time; returns its clock points and peak RSS (KiB)."""
+    """Runs a child with BENCH_T0 = its launch time; returns its clock points and peak RSS (KiB).
+
+    The peak is the child's own VmHWM, read while it runs: getrusage's ru_maxrss would also count this process's
+    memory, which Linux carries into a child across fork and exec."""
     env = {**os.environ, "BENCH_T0": repr(time.time()), "PYTHONPATH": str(ROOT / "benchmarks")}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    log = out.with_suffix(".stderr")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        peak = 0
+        while proc.poll() is None:
+            with contextlib.suppress(OSError, StopIteration):  # the child may be gone between poll and read
+                lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                peak = max(peak, int(next(li for li in lines if li.startswith("VmHWM:")).split()[1]))
+            time.sleep(0.2)
     if proc.returncode != 0:
-        raise RuntimeError(f"{args} failed: {proc.stderr.read()[-2000:]}")
-    return json.loads(out.read_text()), usage.ru_maxrss
+        raise RuntimeError(f"{args} failed: {log.read_text()[-2000:]}")
+    return json.loads(out.read_text()), peak
 
 
 def first_reaching(points: list[dict], target: float) -> float | None:

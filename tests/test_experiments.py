@@ -31,7 +31,7 @@ def test_lr_schedules_without_training():
     x, lr = schedule(
         [f"--config={ROOT / 'configs/default.yaml'}", f"--config={ROOT / 'configs/schedulers/onecycle.yaml'}"]
     )
-    assert len(lr) == 10 * (55000 // 256)  # one point per optimizer step of the default's 10 epochs
+    assert len(lr) == 10 * (55000 // 128)  # one point per optimizer step of the default's 10 epochs
     assert max(lr) == pytest.approx(0.01, rel=1e-3) and x[lr.index(max(lr))] == pytest.approx(10 * 0.3, abs=0.05)
     assert lr[-1] < 1e-5
     plateau = "configs/schedulers/plateau.yaml"
