@@ -43,6 +43,7 @@ def test_two_nodes_with_torchrun_match_one_process_of_the_same_global_batch(tmp_
 
     ranks = [json.loads((tmp_path / "two_nodes" / f"rank{r}.json").read_text()) for r in range(2)]
     one = json.loads((tmp_path / "one_process" / "rank0.json").read_text())
+    print(f"two nodes: {ranks}\none process: {one}")  # the figures, with pytest -s
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2 and one["world_size"] == 1
     for key in ("val/acc", "val/loss", "val/f1", "val/acc_best"):
         assert ranks[0][key] == ranks[1][key], key  # both ranks hold the synced value

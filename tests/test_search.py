@@ -48,7 +48,7 @@ def test_grid_search_prunes_the_bad_trial_and_writes_a_best_yaml_that_trains(tmp
                    f"--trainer.logger.init_args.save_dir={tmp_path / 'best'}"])  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert f"max_lr: {best.params['model.scheduler.init_args.max_lr']}" in (directory / "best.yaml").read_text()
-    assert (tmp_path / "best" / "space_best" / "version_0" / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "best" / "search_space_best" / "version_0" / "checkpoints" / "last.ckpt").exists()
 
 
 def _trial_processes(name: str) -> list[int]:
@@ -93,7 +93,7 @@ def test_kill_9_loses_only_the_running_trial_and_the_same_command_continues(tmp_
     trials = study(tmp_path).trials
     assert trials[running].state == optuna.trial.TrialState.FAIL  # lost: only the trial that was running
     assert sum(t.state in FINISHED for t in trials) == 3
-    retried = [t for t in trials if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == running]
+    retried = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == running]
     assert len(retried) == 1 and retried[0].params == trials[running].params
 
 

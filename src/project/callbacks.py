@@ -1,6 +1,7 @@
 """Callbacks the CLI adds to every run, beside Lightning's own."""
 
 import csv
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,7 +76,9 @@ class TensorBoardReport(Callback):
         writer.add_text("model/summary", table + total)
         writer.add_scalar("model/params", summary.trainable_parameters, 0)
         # here rather than by the logger (which traces again at every test): after fit starts the net may be compiled
-        writer.add_graph(pl_module, pl_module.example_input_array.to(pl_module.device))
+        with warnings.catch_warnings():  # TensorBoard draws graphs from torch.jit.trace only, deprecated since 2.14
+            warnings.filterwarnings("ignore", ".*torch.jit.trace", FutureWarning)
+            writer.add_graph(pl_module, pl_module.example_input_array.to(pl_module.device))
         writer.add_custom_scalars(
             {
                 "train vs val": {

@@ -12,6 +12,9 @@ its monitored metric after every epoch; Optuna's median pruner stops those that 
 ``best.yaml`` (train it with ``python -m project fit --config best.yaml``), ``trials.md``/``trials.csv``,
 ``history.png`` and ``importances.png``.
 
+Arguments after ``--`` go to every trial's ``fit`` only (a smaller budget, for instance ``-- --trainer.max_epochs=3``);
+``best.yaml`` keeps the base config's budget with the best trial's values.
+
 The space is YAML, one entry per config key (or ``configs`` to choose between whole config files):
 
     model.optimizer.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
@@ -30,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -37,6 +41,9 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from project.errors import ConfigError, ProjectError
+
+# heartbeats (how a restarted search retries the trial a killed one left running) are still "experimental" in Optuna
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 PRUNED_EXIT = 3
 
@@ -76,7 +83,7 @@ def storage(url: str, heartbeat: int = 10) -> optuna.storages.RDBStorage:
         engine_kwargs=kwargs,
         heartbeat_interval=heartbeat,
         grace_period=3 * heartbeat,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
 
 
@@ -156,7 +163,7 @@ def write_reports(study: optuna.Study, space: dict, base: list[str], directory: 
     best = study.best_trial
     resolved = subprocess.run(
         [sys.executable, "-m", "project", "fit", *base, *config_args(best.params, space),
-         f"--trainer.logger.init_args.name={study.study_name}_best", "--print_config"],
+         f"--trainer.logger.init_args.name=search_{study.study_name}_best", "--print_config"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     (directory / "best.yaml").write_text(
