@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, cli, fit_args, run
+from lightning.pytorch.callbacks import RichProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from project.module import ImageClassifier
@@ -225,3 +226,10 @@ def test_help_lists_the_subcommands():
     assert result.returncode == 0
     for command in ("fit", "validate", "test", "predict"):
         assert command in result.stdout
+
+
+def test_progress_bar_shows_no_version_number(tmp_path, fashion_dir):
+    c = cli(fit_args(tmp_path, fashion_dir, "--trainer.enable_progress_bar=true"))
+    bar = c.trainer.progress_bar_callback
+    assert RichProgressBar.get_metrics(bar, c.trainer, c.model) == {"v_num": 0}  # Lightning's: "v_num: 0.000"
+    assert bar.get_metrics(c.trainer, c.model) == {}

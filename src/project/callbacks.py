@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -43,6 +43,16 @@ class CSVPredictionWriter(BasePredictionWriter):
             ):
                 writer.writerow([i, target, pred, classes[pred], f"{prob:.6f}"])
         print(f"Wrote {len(rows['index'])} predictions to {path}")
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar without ``v_num``, the logger's version, which it formats as a metric
+    ("v_num: 0.000"); the run directory already names the version."""
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class TensorBoardReport(Callback):

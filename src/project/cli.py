@@ -20,6 +20,8 @@ from project.module import ImageClassifier
 
 # The data is served from memory in whole batches: worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# Lightning 2.6 builds torch pytrees the way torch 2.14 deprecates; nothing a user of the template can change.
+warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 TRAINER_DEFAULTS = {
     "max_epochs": 20,
@@ -34,7 +36,7 @@ TRAINER_DEFAULTS = {
 # trainer.callbacks unless a config replaces the list (add to it with --trainer.callbacks+=CLASS)
 DEFAULT_CALLBACKS = [
     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
-    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+    {"class_path": "project.callbacks.ProgressBar"},
     {"class_path": "lightning.pytorch.callbacks.RichModelSummary", "init_args": {"max_depth": 2}},
 ]
 
