@@ -1,22 +1,32 @@
+import contextlib
 import hashlib
+import io
 import os
 import pickle
 import socket
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torchvision
 
+from project.__main__ import main
 from project.cli import CLI
 from project.data import registry
 
 ROOT = Path(__file__).resolve().parents[1]
-# a short run: few batches, no progress bar in the captured output
+# Parallel workers (pytest -n) each on one core: two threads per process on two cores would only contend.
+THREADS = {"OMP_NUM_THREADS": "1"} if os.environ.get("PYTEST_XDIST_WORKER") else {}
+if THREADS:
+    torch.set_num_threads(1)
+# a short run on the CPU (the tests check CPU semantics; GPU tests say so): few batches, no progress bar or summary
 TINY = [
+    "--trainer.accelerator=cpu",
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=4",
     "--trainer.limit_val_batches=2",
@@ -38,10 +48,18 @@ def fashion_dir(tmp_path_factory) -> Path:
     return data_dir
 
 
-def fit_args(tmp_path: Path, data_dir: Path, *extra: str, config: str = "configs/default.yaml") -> list[str]:
+def pytest_collection_modifyitems(config, items) -> None:
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+def fit_args(tmp_path: Path, data_dir: Path, *extra: str, config: str | None = None) -> list[str]:
+    """``fit`` of configs/default.yaml (the first config of every run), with ``config`` stacked on it if given."""
     return [
         "fit",
-        f"--config={ROOT / config}",
+        *([f"--config={ROOT / config}"] if config else []),
         f"--data.data_dir={data_dir}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         *TINY,
@@ -54,12 +72,36 @@ def cli(args: list[str]) -> CLI:
     return CLI(args=args)
 
 
-def run(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def invoke(args: list[str]) -> Result:
+    """``python -m project ARGS`` in this process, through the same entry point and error handler as the shell's;
+    for the tests where a child process is not what they test."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (exit.code is not None)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, **OFFLINE, **THREADS, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **extra}
+
+
+def run(args: list[str], timeout: float = 300, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
     """``python -m project ARGS`` in a child process, offline."""
-    env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    env = child_env()
     return subprocess.run(
         [sys.executable, "-m", "project", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,

@@ -1,9 +1,12 @@
 import csv
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT, cli, fit_args, run
+from conftest import ROOT, child_env, cli, fit_args, invoke, run
 from lightning.pytorch.callbacks import RichProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -98,7 +101,6 @@ def test_predict_writes_one_row_per_test_image(tmp_path, fashion_dir):
     c = cli(
         [
             "predict",
-            f"--config={ROOT / 'configs/default.yaml'}",
             f"--data.data_dir={fashion_dir}",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
             "--ckpt_path=best",
@@ -115,17 +117,62 @@ def test_predict_writes_one_row_per_test_image(tmp_path, fashion_dir):
     assert accuracy > 0.5
 
 
-def test_configs_stack_and_print(tmp_path):
-    configs = ["configs/default.yaml", "configs/optimizers/sgd_nesterov.yaml", "configs/schedulers/step.yaml"]
-    result = run(["fit", *(f"--config={c}" for c in configs), "--print_config"])
+def test_configs_stack_on_the_default_and_print():
+    result = invoke(["fit", "--config=configs/optimizers/sgd_nesterov.yaml", "--config=configs/schedulers/step.yaml",
+                     "--print_config"])  # fmt: skip
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     assert config["model"]["optimizer"]["class_path"] == "torch.optim.SGD"
     assert config["model"]["optimizer"]["init_args"]["nesterov"] is True
+    assert config["model"]["optimizer"]["init_args"]["weight_decay"] == 0.0005  # the preset's, not AdamW's 0.05
     assert config["model"]["scheduler"]["class_path"] == "torch.optim.lr_scheduler.StepLR"
     assert config["model"]["scheduler_interval"] == "epoch"
-    assert config["data"]["dataset"] == "fashion_mnist"  # from the first file
+    assert config["data"]["dataset"] == "fashion_mnist"  # from configs/default.yaml, the first config of every run
     assert config["checkpoint"]["monitor"] == "val/acc" and config["early_stopping"]["patience"] == 3
+    # one way to set the optimizer: no LightningCLI top-level optimizer / lr_scheduler
+    assert "optimizer" not in config and "lr_scheduler" not in config
+
+
+def _without_comments(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "trainer"} | {"trainer": {
+        k: v for k, v in config["trainer"].items() if k in ("max_epochs", "logger", "callbacks")}}  # fmt: skip
+
+
+def test_no_config_runs_exactly_the_default_yaml():
+    plain = yaml.safe_load(invoke(["fit", "--print_config"]).stdout)
+    explicit = yaml.safe_load(invoke(["fit", "--config=configs/default.yaml", "--print_config"]).stdout)
+    assert plain == explicit
+    default = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
+    for section in ("model", "data", "checkpoint", "early_stopping"):
+        for key, value in default[section].items():
+            resolved = plain[section][key]
+            if isinstance(value, dict) and "class_path" in value:
+                assert resolved["class_path"] == value["class_path"]
+                assert value.get("init_args", {}).items() <= resolved["init_args"].items(), key
+            else:
+                assert resolved == value, key
+    assert plain["seed_everything"] == default["seed_everything"]
+    assert plain["trainer"]["max_epochs"] == default["trainer"]["max_epochs"]
+
+
+def test_every_config_sets_only_what_differs_from_the_default():
+    default = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        # presets stay whole wherever they are stacked (one-cycle is stepped per batch after any base)
+        if path.name == "default.yaml" or {"search", "optimizers", "schedulers"} & set(path.parts[-2:-1]):
+            continue
+        config = yaml.safe_load(path.read_text()) or {}
+        assert "seed_everything" not in config, path  # one home: configs/default.yaml
+        for section, values in config.items():
+            for key, value in (values or {}).items() if isinstance(values, dict) else ():
+                if key in ("net", "optimizer", "scheduler", "logger", "callbacks") or section not in default:
+                    continue
+                assert default[section].get(key, object()) != value, f"{path}: {section}.{key} repeats the default"
+
+
+def test_top_level_optimizer_flags_do_not_exist():
+    result = invoke(["fit", "--optimizer=torch.optim.SGD"])
+    assert result.returncode == 2 and "--optimizer" in result.stderr
 
 
 PRESETS = sorted((ROOT / "configs" / "optimizers").glob("*.yaml")) + sorted(
@@ -189,7 +236,7 @@ def _error(result) -> str:
     ids=["unknown-dataset", "unknown-model", "unknown-optimizer", "bad-key", "bad-type"],
 )
 def test_bad_config_exits_2_with_a_message(args, expected):
-    result = run(["fit", "--config=configs/default.yaml", "--trainer.logger.init_args.save_dir=/nonexistent", *args])
+    result = invoke(["fit", "--trainer.logger.init_args.save_dir=/nonexistent", *args])
     assert result.returncode == 2
     message = _error(result)
     assert all(part in message for part in expected), message
@@ -198,7 +245,7 @@ def test_bad_config_exits_2_with_a_message(args, expected):
 def test_bad_key_in_a_config_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  batchsize: 64\n")
-    result = run(["fit", "--config=configs/default.yaml", f"--config={bad}"])
+    result = invoke(["fit", f"--config={bad}"])
     assert result.returncode == 2 and "batchsize" in _error(result)
 
 
@@ -215,17 +262,66 @@ def test_bad_key_in_a_config_file(tmp_path):
     ids=["monitor-never-logged", "missing-ckpt", "impossible-split"],
 )
 def test_impossible_settings_exit_2_with_one_line(tmp_path, fashion_dir, args, expected):
-    result = run([*fit_args(tmp_path, fashion_dir)[:4], *args])
+    result = invoke([*fit_args(tmp_path, fashion_dir), *args])
     assert result.returncode == 2
     lines = _error(result).strip().splitlines()
     assert lines[-1].startswith("error: ") and expected in lines[-1]
 
 
-def test_help_lists_the_subcommands():
-    result = run(["--help"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_a_gpu_config_on_a_machine_without_one_says_so_in_one_line(tmp_path, fashion_dir):
+    result = invoke([*fit_args(tmp_path, fashion_dir, config="configs/fashion_mnist_gpu.yaml"),
+                     "--trainer.accelerator=gpu"])  # fmt: skip
+    assert result.returncode == 2
+    (line,) = _error(result).strip().splitlines()
+    assert line.startswith("error: this config asks for a GPU") and "configs/trainer/cpu.yaml" in line
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["nonsense"], "unknown command 'nonsense'"),
+        (["resume"], "usage: python -m project resume"),
+        (["resume", "logs/nowhere/version_0"], "config.yaml does not exist"),
+        (["lr-plot", "configs/nowhere"], "configs/nowhere is not a directory"),
+        (["compare", "configs/nowhere"], "no such config file or experiment directory: configs/nowhere"),
+        (["compare", "configs/default.yaml", "configs/nowhere.yaml"], "experiment directory: configs/nowhere.yaml"),
+    ],
+    ids=["unknown-command", "resume-no-run", "resume-missing", "lr-plot-no-dir", "compare-no-dir", "compare-no-file"],
+)
+def test_every_command_answers_a_user_error_with_one_paragraph(args, expected):
+    result = invoke(args)
+    assert result.returncode == 2
+    (line,) = _error(result).strip().splitlines()
+    assert line.startswith("error: ") and expected in line
+
+
+def test_help_lists_every_command():
+    result = invoke(["--help"])
     assert result.returncode == 0
-    for command in ("fit", "validate", "test", "predict"):
-        assert command in result.stdout
+    for command in ("fit", "validate", "test", "predict", "resume", "compare", "lr-plot", "search"):
+        assert f"  {command} " in result.stdout
+
+
+@pytest.mark.slow
+def test_the_installed_script_is_the_same_entry_point():
+    script = Path(sys.executable).parent / "project"
+    for command in ("compare", "lr-plot", "search", "fit"):
+        result = subprocess.run([script, command, "--help"], capture_output=True, text=True, env=child_env())
+        assert result.returncode == 0 and "usage: python -m project " + command in result.stdout, result.stderr
+
+
+@pytest.mark.slow
+def test_fit_with_no_config_runs_the_default_and_prints_nothing_a_user_cannot_act_on(tmp_path, fashion_dir):
+    # as `python -m project fit` runs in a log file (no terminal): the default config, one batch of each stage
+    result = run(["fit", "--trainer.fast_dev_run=true", f"--data.data_dir={fashion_dir}", "--trainer.accelerator=cpu"],
+                 cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for noise in ("Traceback", "Warning", "warn", "Tip", "already configured", "…"):
+        assert noise not in output, output
+    assert "| net.features " in output and "| ConvNet " in output  # the summary, readable in a log file
+    assert "test/acc" in output
 
 
 def test_progress_bar_shows_no_version_number(tmp_path, fashion_dir):

@@ -23,7 +23,7 @@ def test_config_names_every_registered_dataset():
 
 
 def test_fashion_mnist_split_and_test_set(fashion_dir):
-    dm = setup(ImageDataModule("fashion_mnist", str(fashion_dir), val_size=5000), "fit", "test")
+    dm = setup(ImageDataModule("fashion_mnist", 256, str(fashion_dir), val_size=5000), "fit", "test")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55000, 5000, 10000)
     assert dm.train_set.x.dtype == torch.uint8 and dm.train_set.x.shape[1:] == (1, 28, 28)
     # the split partitions the official train set: no image is in both
@@ -31,15 +31,15 @@ def test_fashion_mnist_split_and_test_set(fashion_dir):
     assert not train_keys & {bytes(x.numpy()) for x in dm.val_set.x}
     assert torch.bincount(dm.test_set.y).tolist() == [1000] * 10  # the official test split
     # seeded: the same split every time, another with another seed
-    again = setup(ImageDataModule("fashion_mnist", str(fashion_dir), val_size=0.1), "fit")
+    again = setup(ImageDataModule("fashion_mnist", 256, str(fashion_dir), val_size=0.1), "fit")
     assert len(again.val_set) == 6000
-    same = setup(ImageDataModule("fashion_mnist", str(fashion_dir), val_size=0.1), "fit")
-    other = setup(ImageDataModule("fashion_mnist", str(fashion_dir), val_size=0.1, split_seed=1), "fit")
+    same = setup(ImageDataModule("fashion_mnist", 256, str(fashion_dir), val_size=0.1), "fit")
+    other = setup(ImageDataModule("fashion_mnist", 256, str(fashion_dir), val_size=0.1, split_seed=1), "fit")
     assert torch.equal(same.val_set.y, again.val_set.y) and not torch.equal(other.val_set.y, again.val_set.y)
 
 
 def test_batches_are_whole_tensors_normalised_on_transfer(fashion_dir):
-    dm = setup(ImageDataModule("fashion_mnist", str(fashion_dir), batch_size=512), "fit")
+    dm = setup(ImageDataModule("fashion_mnist", 512, str(fashion_dir)), "fit")
     dm.trainer = SimpleNamespace(training=False, strategy=SimpleNamespace(root_device=torch.device("cpu")))
     loader = dm.train_dataloader()
     assert len(loader) == 55000 // 512  # drop_last
@@ -54,7 +54,7 @@ def test_batches_are_whole_tensors_normalised_on_transfer(fashion_dir):
 
 
 def test_augmentation_only_on_training_batches(fashion_dir):
-    dm = setup(ImageDataModule("fashion_mnist", str(fashion_dir), crop_padding=4, hflip=True), "fit")
+    dm = setup(ImageDataModule("fashion_mnist", 256, str(fashion_dir), crop_padding=4, hflip=True), "fit")
     batch = next(iter(dm.val_dataloader()))
     dm.trainer = SimpleNamespace(training=False)
     plain, _ = dm.on_after_batch_transfer(batch, 0)
@@ -86,19 +86,19 @@ def test_random_hflip_mirrors_about_half():
 
 
 def test_binary_one_vs_rest(fashion_dir):
-    dm = setup(ImageDataModule("fashion_mnist", str(fashion_dir), positive_class=9), "fit", "test")
+    dm = setup(ImageDataModule("fashion_mnist", 256, str(fashion_dir), positive_class=9), "fit", "test")
     assert dm.num_classes == 2 and dm.classes == ("not Boot", "Boot")
     assert set(dm.test_set.y.tolist()) == {0, 1} and dm.test_set.y.sum() == 1000
 
 
 def test_mnist_through_torchvision_from_idx_files(fake_mnist):
-    dm = setup(ImageDataModule("mnist", str(fake_mnist), val_size=100), "fit", "test")
+    dm = setup(ImageDataModule("mnist", 256, str(fake_mnist), val_size=100), "fit", "test")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (500, 100, 200)
     assert dm.shape == (1, 28, 28) and dm.test_set.x.shape[1:] == (1, 28, 28)
 
 
 def test_cifar10_through_torchvision_from_pickled_batches(fake_cifar10):
-    dm = setup(ImageDataModule("cifar10", str(fake_cifar10), val_size=50), "fit", "test")
+    dm = setup(ImageDataModule("cifar10", 256, str(fake_cifar10), val_size=50), "fit", "test")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (450, 50, 100)
     x = dm.test_set.x
     assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.uint8
@@ -118,11 +118,11 @@ def test_cifar10_through_torchvision_from_pickled_batches(fake_cifar10):
 )
 def test_bad_settings_are_refused_at_once(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        ImageDataModule("fashion_mnist", **kwargs)
+        ImageDataModule("fashion_mnist", **{"batch_size": 256, **kwargs})
 
 
 def test_val_size_larger_than_the_train_set(fake_mnist):
-    dm = setup(ImageDataModule("mnist", str(fake_mnist), val_size=600))
+    dm = setup(ImageDataModule("mnist", 256, str(fake_mnist), val_size=600))
     with pytest.raises(ConfigError, match="leaves no training images: the MNIST train set has 600"):
         dm.setup("fit")
 
@@ -147,7 +147,7 @@ def test_missing_data_without_network_names_directory_files_and_remedies(tmp_pat
 
 def test_missing_data_with_download_off(tmp_path):
     with pytest.raises(DataError, match=r"download is off .* place the files \(or their \.gz\) in"):
-        ImageDataModule("cifar10", str(tmp_path), download=False).prepare_data()
+        ImageDataModule("cifar10", 256, str(tmp_path), download=False).prepare_data()
 
 
 def test_local_gz_copy_is_used(tmp_path, fashion_dir):
@@ -160,7 +160,7 @@ def test_local_gz_copy_is_used(tmp_path, fashion_dir):
         (raw / f"{name}.gz").write_bytes(
             gzip.compress((fashion_dir / "FashionMNIST" / "raw" / name).read_bytes(), compresslevel=1)
         )
-    setup(ImageDataModule("fashion_mnist", str(tmp_path)), "test")
+    setup(ImageDataModule("fashion_mnist", 256, str(tmp_path)), "test")
 
 
 def test_wrong_label_range_caught_at_setup(fake_mnist, monkeypatch):
@@ -170,7 +170,7 @@ def test_wrong_label_range_caught_at_setup(fake_mnist, monkeypatch):
     write_idx(raw / "t10k-labels-idx1-ubyte", torch.full((200,), 12, dtype=torch.uint8).numpy())
     monkeypatch.setitem(DATASETS["mnist"].md5, "t10k-labels-idx1-ubyte", md5(raw / "t10k-labels-idx1-ubyte"))
     with pytest.raises(DataError, match=r"labels .* range over \[12, 12\]; expected classes 0..9"):
-        setup(ImageDataModule("mnist", str(fake_mnist)), "test")
+        setup(ImageDataModule("mnist", 256, str(fake_mnist)), "test")
 
 
 def test_wrong_image_shape_caught_at_setup(fake_mnist, monkeypatch):
@@ -180,7 +180,7 @@ def test_wrong_image_shape_caught_at_setup(fake_mnist, monkeypatch):
     write_idx(raw / "t10k-images-idx3-ubyte", torch.zeros(200, 32, 32, dtype=torch.uint8).numpy())
     monkeypatch.setitem(DATASETS["mnist"].md5, "t10k-images-idx3-ubyte", md5(raw / "t10k-images-idx3-ubyte"))
     with pytest.raises(DataError, match=r"shape \(200, 1, 32, 32\).*expected uint8 images of shape \(N, 1, 28, 28\)"):
-        setup(ImageDataModule("mnist", str(fake_mnist)), "test")
+        setup(ImageDataModule("mnist", 256, str(fake_mnist)), "test")
 
 
 def test_repo_data_dir_is_ignored_by_git():
@@ -189,11 +189,11 @@ def test_repo_data_dir_is_ignored_by_git():
 
 def test_on_device_serves_batches_from_the_trainers_device(fashion_dir):
     # the meta device stands in for a GPU: the splits move there once, batches are sliced there, nothing is pinned
-    dm = setup(ImageDataModule("fashion_mnist", str(fashion_dir), on_device=True), "fit")
+    dm = setup(ImageDataModule("fashion_mnist", 256, str(fashion_dir), on_device=True), "fit")
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
     loader = dm.train_dataloader()
     assert dm.train_set.x.is_meta and dm.train_set.y.is_meta and not loader.pin_memory
     x, y = next(iter(loader))
     assert x.is_meta and x.shape == (256, 1, 28, 28) and y.is_meta
     with pytest.raises(ConfigError, match=r"data\.on_device .* set data\.num_workers to 0"):
-        ImageDataModule("fashion_mnist", str(fashion_dir), on_device=True, num_workers=2)
+        ImageDataModule("fashion_mnist", 256, str(fashion_dir), on_device=True, num_workers=2)

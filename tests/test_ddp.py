@@ -22,7 +22,7 @@ def test_ddp_on_two_cpu_processes_shards_batches_and_syncs_metrics(tmp_path, fas
     logged = next(s["best_model_score"] for s in last["callbacks"].values() if "best_model_score" in s).item()
 
     # each rank validated 5 batches of its strided half of the val set: together, its first 2000 images
-    dm = ImageDataModule("fashion_mnist", str(fashion_dir), val_size=58000)
+    dm = ImageDataModule("fashion_mnist", 100, str(fashion_dir), val_size=58000)
     dm.setup("fit")
     x, y = dm.normalize(dm.val_set.x[:2000]), dm.val_set.y[:2000]
     model = ImageClassifier.load_from_checkpoint(logs / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)

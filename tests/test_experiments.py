@@ -16,7 +16,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def lr_at(config: str, epoch: float, *extra: str) -> float:
-    x, lr = schedule([f"--config={ROOT / 'configs/default.yaml'}", f"--config={ROOT / config}", *extra])
+    x, lr = schedule([f"--config={ROOT / config}", *extra])
     return lr[min(range(len(x)), key=lambda i: abs(x[i] - epoch))]
 
 
@@ -28,9 +28,7 @@ def test_lr_schedules_without_training():
     assert lr_at("configs/schedulers/multistep.yaml", 5.5) == pytest.approx(base / 10)
     restarts = "configs/schedulers/cosine_warm_restarts.yaml"
     assert lr_at(restarts, 1.0) < base and lr_at(restarts, 2.0) == pytest.approx(base)  # T_0 = 2: a restart
-    x, lr = schedule(
-        [f"--config={ROOT / 'configs/default.yaml'}", f"--config={ROOT / 'configs/schedulers/onecycle.yaml'}"]
-    )
+    x, lr = schedule([f"--config={ROOT / 'configs/schedulers/onecycle.yaml'}"])
     assert len(lr) == 10 * (55000 // 128)  # one point per optimizer step of the default's 10 epochs
     assert max(lr) == pytest.approx(0.01, rel=1e-3) and x[lr.index(max(lr))] == pytest.approx(10 * 0.3, abs=0.05)
     assert lr[-1] < 1e-5
@@ -53,7 +51,7 @@ def test_compare_runs_variants_reports_failures_and_reuses_finished_runs(tmp_pat
     (experiment / "linear.yaml").write_text("model:\n  net:\n    class_path: project.models.SoftmaxRegression\n")
     (experiment / "broken.yaml").write_text("model:\n  net:\n    class_path: project.models.Nope\n")
     logs = tmp_path / "logs"
-    args = ["compare", str(experiment), f"--logs={logs}", "--", *TINY[1:], "--trainer.max_epochs=2"]
+    args = ["compare", str(experiment), f"--logs={logs}", "--", *TINY, "--trainer.max_epochs=2"]
     result = run(args)
     assert result.returncode == 1  # a variant failed, and says so
     assert "[1/3] tiny/broken: FAILED, exit 2" in result.stdout and "Nope" in result.stdout

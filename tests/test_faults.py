@@ -246,7 +246,7 @@ def test_checkpoints_load_without_arbitrary_pickle(tmp_path, fashion_dir, monkey
     mark = tmp_path / "pwned"
     monkeypatch.setenv("PAYLOAD_MARK", str(mark))
     torch.save({**good, "extra": _Payload()}, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)
-    result = run(["test", f"--config={ROOT / 'configs/default.yaml'}", f"--data.data_dir={fashion_dir}",
+    result = run(["test", f"--data.data_dir={fashion_dir}",
                   f"--ckpt_path={evil}", "--trainer.limit_test_batches=1"])  # fmt: skip
     assert result.returncode == 2 and not mark.exists()
     message = result.stderr.strip().splitlines()[-1]

@@ -16,9 +16,9 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 def search_args(tmp_path: Path, fashion_dir: Path, space: str, trials: int, *options: str) -> list[str]:
     (tmp_path / "space.yaml").write_text(space)
-    return ["search", f"--config={ROOT / 'configs/default.yaml'}", f"--space={tmp_path / 'space.yaml'}",
+    return ["search", f"--space={tmp_path / 'space.yaml'}",
             f"--trials={trials}", f"--logs={tmp_path / 'search'}", "--heartbeat=1", *options,
-            "--", *TINY[1:], "--trainer.max_epochs=2", f"--data.data_dir={fashion_dir}"]  # fmt: skip
+            "--", *TINY, "--trainer.max_epochs=2", f"--data.data_dir={fashion_dir}"]  # fmt: skip
 
 
 def study(tmp_path: Path) -> optuna.Study:

@@ -1,47 +1,57 @@
-"""``python -m project COMMAND``: Lightning's subcommands, plus ``resume``. Only what a command needs is imported,
-so ``--help`` answers without loading torch."""
+"""``python -m project COMMAND`` (or the installed ``project`` script): the one entry point of every command.
 
-import sys
-
-HELP = """usage: python -m project COMMAND [options]
-
-Train, compare and ship image classifiers (MNIST, Fashion-MNIST, CIFAR-10) with PyTorch Lightning.
-
-commands:
-  fit       train, validate each epoch, early-stop, keep the best checkpoint, then test it
-  validate  evaluate a checkpoint on the validation split
-  test      evaluate a checkpoint on the test set
-  predict   write predictions.csv (one row per test image) into the run directory
-  resume    continue an interrupted run: resume logs/<name>/version_<n> [--KEY VALUE ...]
-  compare   run configs (or an experiment directory) and compare them: table + curves
-  lr-plot   plot a config's learning-rate schedule without training
-  search    hyperparameter search with Optuna; every trial a normal run, the study resumable
-
-Each command takes --help, e.g.  python -m project fit --help
-Train the default config:        python -m project fit --config configs/default.yaml
+Each command is a module with a ``main(argv)``, imported only when it runs, so that ``--help`` answers without
+loading torch. Errors a user can fix (:class:`~project.errors.ProjectError`) end here, as one paragraph on stderr
+and the error's exit code, whichever command raised them.
 """
 
+import importlib
+import signal
+import sys
 
-def main() -> None:
-    command = sys.argv[1] if len(sys.argv) > 1 else None
+# command -> (module, what it does)
+COMMANDS = {
+    "fit": ("project.cli", "train, validate each epoch, early-stop, keep the best checkpoint, then test it"),
+    "validate": ("project.cli", "evaluate a checkpoint on the validation split"),
+    "test": ("project.cli", "evaluate a checkpoint on the test set"),
+    "predict": ("project.cli", "write predictions.csv (one row per test image) for a checkpoint"),
+    "resume": ("project.cli", "continue an interrupted run: resume logs/<name>/version_<n> [--KEY VALUE ...]"),
+    "compare": ("project.compare", "train configs (or an experiment directory) side by side: table + curves"),
+    "lr-plot": ("project.lr_plot", "plot a config's learning-rate schedule without training"),
+    "search": ("project.search", "hyperparameter search with Optuna; every trial a normal run, the study resumable"),
+}
+
+HELP = (
+    "usage: python -m project COMMAND [options]\n\n"
+    "Train, compare and ship image classifiers (MNIST, Fashion-MNIST, CIFAR-10) with PyTorch Lightning.\n"
+    "With no --config, fit/validate/test/predict run configs/default.yaml; --config files and --KEY VALUE\n"
+    "flags stack on top of it.\n\ncommands:\n"
+    + "".join(f"  {name:<9} {text}\n" for name, (_, text) in COMMANDS.items())
+    + "\nEach command takes --help, e.g.  python -m project fit --help\n"
+    "Train the default config:        python -m project fit\n"
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else None
     if command in (None, "-h", "--help"):
         print(HELP, end="")
         return
-    if command == "compare":
-        from project.compare import main as compare
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
+        sys.exit(2)
+    from project.errors import ProjectError  # no torch: errors.py imports nothing
 
-        return compare(sys.argv[2:])
-    if command == "lr-plot":
-        from project.lr_plot import main as lr_plot
-
-        return lr_plot(sys.argv[2:])
-    if command == "search":
-        from project.search import main as search
-
-        return search(sys.argv[2:])
-    from project.cli import main as cli
-
-    cli()
+    try:
+        importlib.import_module(COMMANDS[command][0]).main(argv)
+    except ProjectError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # outside a fit, whose own handler saves a checkpoint first
+        print(f"\nerror: {command} interrupted.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -119,7 +119,7 @@ class TensorBoardReport(Callback):
         if self.wrong:
             writer.add_figure("test/misclassified", _images_figure(self.wrong, classes), step)
         metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        best = pl_module.val_acc_best.compute().item()
+        best = pl_module.val_acc_best.max_value.item()  # the state itself: compute() warns after a checkpoint load
         if best > float("-inf"):  # not for a test of a checkpoint that never validated
             metrics["val/acc_best"] = best
         trainer.logger.log_hyperparams({**pl_module.hparams, **trainer.datamodule.hparams}, metrics)

@@ -1,99 +1,105 @@
-"""``python -m project {fit,validate,test,predict}``: LightningCLI over one config, plus ``resume``.
+"""``fit``, ``validate``, ``test``, ``predict`` (LightningCLI) and ``resume``.
 
-Configs stack (``--config a.yaml --config b.yaml``); ``--print_config`` shows the resolved one, which is
-also saved as ``config.yaml`` in the run directory ``logs/<name>/version_<n>/``.
+``configs/default.yaml`` is the first config of every run: ``--config`` files and ``--KEY VALUE`` flags stack on
+top of it, and ``--print_config`` shows the result, which is also saved as ``config.yaml`` in the run directory
+``logs/<name>/version_<n>/``.
 """
 
+import logging
 import re
 import sys
 import warnings
 from pathlib import Path
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningCLI
 
 from project.callbacks import CSVPredictionWriter, TensorBoardReport
 from project.checkpoint import SafeModelCheckpoint, check_weights_only
 from project.data import ImageDataModule
-from project.errors import ConfigError, ProjectError
+from project.errors import ConfigError
 from project.module import ImageClassifier
+
+# the home of every default a run sets (the package is installed editable from the repository: pip install -e .)
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+COMMANDS = ("fit", "validate", "test", "predict")
 
 # The data is served from memory in whole batches: worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# A config that switches a class (another net, optimizer or scheduler) drops the earlier class's arguments that the
+# new one does not take: that is what stacking means here, not news.
+warnings.filterwarnings("ignore", "Due to class_path change")
+# a resumed run writes into its own checkpoint directory again, as it should
+warnings.filterwarnings("ignore", ".*exists and is not empty")
 # Lightning 2.6 builds torch pytrees the way torch 2.14 deprecates; nothing a user of the template can change.
 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
-TRAINER_DEFAULTS = {
-    "max_epochs": 20,
-    "log_every_n_steps": 50,
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "logs", "name": "default", "default_hp_metric": False},
-    },
-    # appended to every run's callbacks, whatever the config's trainer.callbacks says
-    "callbacks": [CSVPredictionWriter(), TensorBoardReport()],
-}
-# trainer.callbacks unless a config replaces the list (add to it with --trainer.callbacks+=CLASS)
-DEFAULT_CALLBACKS = [
-    {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
-    {"class_path": "project.callbacks.ProgressBar"},
-    {"class_path": "lightning.pytorch.callbacks.RichModelSummary", "init_args": {"max_depth": 2}},
-]
 
+class _DropNoise(logging.Filter):
+    """Lightning's messages that a user of the template cannot act on: an advert for its cloud logger, and a note
+    that the configured model summary replaces Lightning's default one."""
+
+    NOISE = ("💡 Tip", "already configured with model summary")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.NOISE)
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_DropNoise())
 
 # argparse would take --trainer.max_epoch (a typo) as --trainer.max_epochs; and a one-line usage instead of
 # the 100-line one argparse prints above every error
 PARSER_KWARGS = {
     "prog": "python -m project",
-    "description": "Train, validate, test and predict image classifiers; `resume RUN_DIR` continues a run.",
     "allow_abbrev": False,
     **{
         command: {
             "allow_abbrev": False,
+            "default_config_files": [str(DEFAULT_CONFIG)],
             "usage": f"python -m project {command} [-c CONFIG.yaml ...] [--KEY VALUE ...]",
         }
-        for command in ("fit", "validate", "test", "predict")
+        for command in COMMANDS
     },
 }
 
 
 class CLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` on :class:`ImageDataModule`, with the checkpoint and
-    early-stopping callbacks always on (configured under ``checkpoint:`` and ``early_stopping:``)."""
+    early-stopping callbacks always on (configured under ``checkpoint:`` and ``early_stopping:``). The optimizer and
+    scheduler are the model's own arguments (``model.optimizer``, ``model.scheduler``), the only place to set them."""
 
-    def __init__(self, args: list[str] | None = None, **kwargs):
+    def __init__(self, args: list[str] | None = None, command: str | None = None, **kwargs):
+        """``command``: a command of ours that only builds what a config describes (``lr-plot``), without running
+        a Trainer method; otherwise ``args`` start with fit, validate, test or predict."""
+        parser_kwargs = PARSER_KWARGS
+        if command:  # no subcommands: the main parser reads the default config itself
+            usage = f"python -m project {command} [--config CONFIG.yaml ...] [--KEY VALUE ...]"
+            parser_kwargs = {**PARSER_KWARGS, "default_config_files": [str(DEFAULT_CONFIG)], "usage": usage,
+                             "prog": f"python -m project {command}"}  # fmt: skip
         super().__init__(
             ImageClassifier,
             ImageDataModule,
             args=args,
-            trainer_defaults=TRAINER_DEFAULTS,
-            seed_everything_default=42,
+            run=command is None,
+            # always there, whatever a config's trainer.callbacks says
+            trainer_defaults={"callbacks": [CSVPredictionWriter(), TensorBoardReport()]},
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
-            parser_kwargs=PARSER_KWARGS,
+            parser_kwargs=parser_kwargs,
+            auto_configure_optimizers=False,
             **kwargs,
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
         parser.add_lightning_class_args(SafeModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "best-epoch{epoch:03d}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults(
-            {"early_stopping.monitor": "val/acc", "early_stopping.mode": "max", "early_stopping.patience": 5}
-        )
         parser.link_arguments("data.shape", "model.in_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        # args is always a list here (main passes sys.argv's); LightningCLI would warn that both are set
+        self.config = parser.parse_args(args)
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
         config = self.config.get(self.config.get("subcommand") or "", {})
         if config and config.get("ckpt_path"):
@@ -108,9 +114,23 @@ class CLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.trainer.enable_progress_bar is False:  # the flag wins over the default Rich bar
+        if str(config.trainer.accelerator) in ("gpu", "cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    "this config asks for a GPU (trainer.accelerator), but torch sees none on this machine. Run it on "
+                    "a machine with a CUDA GPU, or add --config configs/trainer/cpu.yaml to run it on the CPU."
+                )
+        if config.trainer.enable_progress_bar is False:  # the flag wins over the configured bar
             callbacks = config.trainer.callbacks or []
             config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith("ProgressBar")]
+
+    def instantiate_trainer(self, **kwargs):
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:  # Trainer flags that cannot work together or on this machine
+            raise ConfigError(f"the Trainer flags cannot work as set: {' '.join(str(err).split())}") from None
 
     def before_fit(self) -> None:
         known = self.model.metric_names
@@ -173,13 +193,11 @@ def _resume_args(argv: list[str]) -> list[str]:
     return ["fit", "--config", str(config), "--ckpt_path", str(last), *argv[1:]]
 
 
-def main(args: list[str] | None = None) -> None:
-    try:
-        if args is None and sys.argv[1:2] == ["resume"]:
-            sys.argv[1:] = _resume_args(sys.argv[2:])  # DDP launches its other ranks from sys.argv
-        elif args is not None and args[:1] == ["resume"]:
-            args = _resume_args(args[1:])
-        CLI(args=args)
-    except ProjectError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+def main(argv: list[str]) -> None:
+    """``argv``: the command (fit, validate, test, predict or resume), then its arguments."""
+    if argv[0] == "resume":
+        expanded = _resume_args(argv[1:])
+        if sys.argv[1:] == argv:  # DDP starts its other processes from sys.argv: they must see the same run
+            sys.argv[1:] = expanded
+        argv = expanded
+    CLI(args=argv)

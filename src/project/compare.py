@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from project.errors import ConfigError
 from project.experiments import variants
 
 COLUMNS = ["run", "status", "best val acc", "best epoch", "test acc", "train-val gap", "epochs", "wall s", "params"]
@@ -98,17 +99,20 @@ def write_tables(rows: list[dict], directory: Path) -> str:
 
 
 def main(argv: list[str]) -> None:
+    """``argv``: ``compare`` and its arguments."""
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = argparse.ArgumentParser(prog="python -m project compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", type=Path, help="an experiment directory, or config files")
     parser.add_argument("--name", help="the experiment's name (default: the directory's, or 'compare')")
     parser.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
     parser.add_argument("--logs", type=Path, default=Path("logs/experiments"), help="where runs and results go")
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args = parser.parse_args(argv[1 : argv.index("--")] if "--" in argv else argv[1:])
 
     if len(args.configs) == 1 and args.configs[0].is_dir():
         runs, name = variants(args.configs[0]), args.name or args.configs[0].name
     else:
+        if missing := [str(c) for c in args.configs if not c.is_file()]:
+            raise ConfigError(f"no such config file or experiment directory: {', '.join(missing)}.")
         runs, name = {c.stem: [f"--config={c}"] for c in args.configs}, args.name or "compare"
     directory = args.logs / name
     rows = []

@@ -1,7 +1,7 @@
 """``python -m project lr-plot``: the learning rate of every optimizer step that ``fit`` would take with a config,
 as a PNG, without training (seed 004's ``plot_lr``, for any scheduler, warm restarts and one-cycle included).
 
-    python -m project lr-plot --config configs/default.yaml --config configs/schedulers/cosine_warm_restarts.yaml
+    python -m project lr-plot --config configs/schedulers/cosine_warm_restarts.yaml
     python -m project lr-plot configs/experiments/schedulers      # one curve per variant
 """
 
@@ -17,7 +17,7 @@ def schedule(config_args: list[str]) -> tuple[list[float], list[float]]:
     """``(epoch, learning rate)`` at each optimizer step of the run these config arguments describe."""
     from project.cli import CLI
 
-    cli = CLI(args=config_args, run=False)
+    cli = CLI(args=config_args, command="lr-plot")
     model, per_epoch, epochs = cli.model, cli.datamodule.steps_per_epoch(), cli.trainer.max_epochs
     optimizer = model.optimizer([torch.zeros(1, requires_grad=True)])
     scheduler = model.build_scheduler(optimizer, per_epoch * epochs, epochs) if model.scheduler else None
@@ -53,19 +53,26 @@ def plot(curves: dict[str, tuple[list[float], list[float]]], out: Path, title: s
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m project lr-plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", nargs="?", type=Path, help="an experiment directory: one curve per variant")
-    parser.add_argument("--config", action="append", default=[], help="config files, stacked as for fit")
+    """``argv``: ``lr-plot`` and its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="python -m project lr-plot",
+        usage="python -m project lr-plot [EXPERIMENT_DIR] [--config CONFIG.yaml ...] [--KEY VALUE ...] [--out PNG]",
+        description=__doc__.split("\n\n")[0],
+        epilog="Without an experiment directory: configs/default.yaml's schedule, with the configs and flags given.",
+    )
     parser.add_argument("--out", type=Path, help="the PNG to write")
-    args, overrides = parser.parse_known_args(argv)
-    if args.experiment:
-        curves = {name: schedule([*stack, *overrides]) for name, stack in variants(args.experiment).items()}
-        out, title = args.out or Path("logs/experiments") / args.experiment.name / "lr.png", args.experiment.name
-    elif args.config:
-        name = Path(args.config[-1]).stem
-        curves = {name: schedule([f"--config={c}" for c in args.config] + overrides)}
-        out, title = args.out or Path("logs/lr-plot") / f"{name}.png", " + ".join(Path(c).stem for c in args.config)
+    args, rest = parser.parse_known_args(argv[1:])
+    # a first argument that is not an option names an experiment; everything else goes to the config parser
+    experiment = Path(rest.pop(0)) if rest and not rest[0].startswith("-") else None
+    if experiment:
+        curves = {name: schedule([*stack, *rest]) for name, stack in variants(experiment).items()}
+        out, title = args.out or Path("logs/experiments") / experiment.name / "lr.png", experiment.name
     else:
-        parser.error("give --config files or an experiment directory")
+        following = [*rest[1:], ""]
+        configs = [Path(a.split("=", 1)[1] if "=" in a else b).stem
+                   for a, b in zip(rest, following, strict=True) if a.split("=")[0] in ("--config", "-c")]  # fmt: skip
+        name = configs[-1] if configs else "default"
+        curves = {name: schedule(rest)}
+        out, title = args.out or Path("logs/lr-plot") / f"{name}.png", " + ".join(["default", *configs])
     plot(curves, out, title)
     print(f"Wrote {out}")

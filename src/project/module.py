@@ -1,17 +1,16 @@
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import Accuracy, F1Score
 
 # Built by jsonargparse from a config's class_path + init_args; the first arguments come from the data.
 NetFactory = Callable[[tuple[int, int, int], int], nn.Module]
-OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class ImageClassifier(LightningModule):
@@ -22,18 +21,19 @@ class ImageClassifier(LightningModule):
     is ``BCEWithLogits``; otherwise ``CrossEntropy`` over ``num_classes`` logits. Logs ``{train,val,test}/
     {loss,acc}``, ``val/acc_best``, and F1 (and top-5 accuracy with more than 5 classes) for val and test.
     ``channels_last`` and ``compile`` (``torch.compile``) are speed options for GPUs; precision is a Trainer flag.
+    Arguments without a default here take theirs from ``configs/default.yaml``.
     """
 
     def __init__(
         self,
         net: NetFactory,
-        optimizer: OptimizerFactory = torch.optim.Adam,
-        scheduler: SchedulerFactory | None = None,
-        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        optimizer: OptimizerCallable,
+        scheduler: LRSchedulerCallable | None,
+        scheduler_interval: Literal["epoch", "step"],
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        channels_last: bool,
         scheduler_monitor: str = "val/loss",
-        in_shape: tuple[int, int, int] = (1, 28, 28),
-        num_classes: int = 10,
-        channels_last: bool = False,
         compile: bool = False,
     ):
         super().__init__()

@@ -173,9 +173,10 @@ def write_reports(study: optuna.Study, space: dict, base: list[str], directory: 
 
 
 def main(argv: list[str]) -> None:
+    """``argv``: ``search`` and its arguments."""
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = argparse.ArgumentParser(prog="python -m project search", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action="append", required=True, help="the base config files, stacked")
+    parser.add_argument("--config", action="append", default=[], help="config files stacked on configs/default.yaml")
     parser.add_argument("--space", type=Path, required=True, help="the search space (YAML)")
     parser.add_argument("--trials", type=int, default=20, help="finished (complete or pruned) trials the study needs")
     parser.add_argument("--study", help="the study's name (default: the space file's name)")
@@ -188,12 +189,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logs", type=Path, default=Path("logs/search"))
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    try:
-        run_search(args, extra)
-    except ProjectError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    args = parser.parse_args(argv[1 : argv.index("--")] if "--" in argv else argv[1:])
+    run_search(args, extra)
 
 
 def run_search(args: argparse.Namespace, extra: list[str]) -> None:

@@ -53,15 +53,16 @@ class ImageDataModule(LightningDataModule):
     augmentation (``crop_padding``, ``hflip``) and normalisation with the dataset's mean/std run there on
     the whole batch. ``positive_class`` turns the task into one-vs-rest binary classification.
     ``on_device`` keeps the splits in the accelerator's memory (60,000 28x28 images take 47 MB), so that a batch
-    is one slice there and no step waits for a host-to-device copy.
+    is one slice there and no step waits for a host-to-device copy. Arguments without a default here take theirs
+    from ``configs/default.yaml``.
     """
 
     def __init__(
         self,
-        dataset: DatasetName = "fashion_mnist",
+        dataset: DatasetName,
+        batch_size: int,
         data_dir: str = "data",
         val_size: int | float = 5000,
-        batch_size: int = 256,
         eval_batch_size: int = 1000,
         crop_padding: int = 0,
         hflip: bool = False,
