@@ -46,8 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         importlib.import_module(COMMANDS[command][0]).main(argv)
     except ProjectError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{err.label}{err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except OSError as err:  # the environment: a directory that is read-only or a file, a full disk
+        where = f" {err.filename}" if err.filename else ""
+        hint = "logs go to trainer.logger.init_args.save_dir, data to data.data_dir"
+        print(f"error: cannot use{where}: {err.strerror or err}. Check that the path is a writable directory with "
+              f"free space ({hint}).", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
     except KeyboardInterrupt:  # outside a fit, whose own handler saves a checkpoint first
         print(f"\nerror: {command} interrupted.", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

@@ -1,12 +1,12 @@
-"""Checkpoints that survive kills and never hold garbage.
+"""Checkpoints that survive kills and signals and never hold garbage.
 
-Lightning 2.6 alone stages saves in $TMPDIR (atomic only on the same filesystem), stores no RNG state
-(so a resumed run diverges from an uninterrupted one), can keep a NaN score as "best", and exits 0 on
-SIGTERM. :class:`SafeModelCheckpoint` closes each of these gaps; the CLI always uses it.
+Lightning 2.6 alone stages saves in $TMPDIR (atomic only on the same filesystem), stores no RNG state (so a resumed
+run diverges from an uninterrupted one), can keep a NaN score as "best", exits 0 on SIGTERM, leaves a checkpoint
+taken in the middle of a validation that cannot be resumed, and writes nothing in the first epoch when
+``every_n_train_steps`` is set. :class:`SafeModelCheckpoint` closes each of these gaps; the CLI always uses it.
 """
 
 import os
-import pickle
 import random
 import signal
 import sys
@@ -17,50 +17,79 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from project.errors import ConfigError, NonFiniteError
+from project.errors import ConfigError, NonFiniteError, ProjectError
+
+
+class SaveError(ProjectError):
+    """A checkpoint could not be written (a full disk, a read-only directory)."""
+
+
+class Interrupted(ProjectError):
+    """Stopped by SIGINT or SIGTERM at a point where what the run has done is kept."""
+
+    label = ""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file in its destination directory, fsyncs it and renames it into
-    place, so a kill at any moment leaves the old file or the new one, never a torn one. Refuses to write
-    non-finite weights, and loads with ``weights_only=True`` (no arbitrary pickle) unless told otherwise."""
+    """Writes a checkpoint to a temporary file in its destination directory, fsyncs it and renames it into place, so a
+    kill at any moment leaves the old file or the new one, never a torn one; a failed write (a full disk) removes the
+    temporary file and leaves the old checkpoint as it was. Loads with ``weights_only=True`` (no arbitrary pickle)."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
-        for name, tensor in checkpoint.get("state_dict", {}).items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise NonFiniteError(f"Refusing to write {path}: weight {name} is not finite.")
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        # the rename itself is durable only once the directory entry is on disk
-        directory = os.open(path.parent, os.O_RDONLY)
         try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            # the rename itself is durable only once the directory entry is on disk
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            kept = f"{path} still holds the previous checkpoint" if path.exists() else "no checkpoint was written"
+            raise SaveError(f"could not write {path}: {err.strerror or err}; {kept}. Free space or fix the "
+                            "directory's permissions, then resume.") from None  # fmt: skip
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
         return super().load_checkpoint(path, map_location, weights_only=weights_only is not False)
 
 
-def check_weights_only(path: str | Path) -> None:
-    """Raise ConfigError unless ``path`` loads as tensors and plain types (mmap: no tensor data is read)."""
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents, tensors memory-mapped (nothing is read until used), or ConfigError saying why it
+    cannot be one: missing, empty, truncated, not a PyTorch file, or holding objects that unpickling could run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ckpt_path {path}: no such file.")
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ValueError... for a bad file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise ConfigError(
+                f"{path} holds objects other than tensors and plain types, and unpickling them could run code "
+                f"({reason}). If you trust its source, load it in Python with torch.load(..., weights_only=False) "
+                "and save its tensors again."
+            ) from None
+        size = path.stat().st_size
         raise ConfigError(
-            f"{path} holds objects other than tensors and plain types, and unpickling them could run code "
-            f"({reason}). If you trust its source, load it in Python with torch.load(..., weights_only=False) "
-            "and save its tensors again."
+            f"{path} is not a checkpoint that can be read ({size} bytes; {reason}): it is empty, truncated or not a "
+            "PyTorch file. Use another one, such as the run's checkpoints/last.ckpt or best-*.ckpt."
         ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict).")
+    return checkpoint
 
 
 def rng_states() -> dict:
@@ -85,49 +114,95 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class StopSignals:
+    """SIGINT (Ctrl+C) and SIGTERM for the whole of a command: the first is noted, and the run stops at the next point
+    where what it has done can be kept (:class:`SafeModelCheckpoint` decides where); a second quits at once."""
+
+    signum: int | None = None
+
+    def __enter__(self):
+        StopSignals.signum = None
+        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    @staticmethod
+    def _note(signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if StopSignals.signum is not None:
+            os.write(2, f"\n{name} again: quitting now, without saving.\n".encode())
+            os._exit(128 + signum)
+        StopSignals.signum = signum
+        # os.write, not print: a handler that prints can interrupt a print in progress
+        os.write(2, f"\n{name}: stopping at the next point the run can be kept ({name} again quits now).\n".encode())
+
+
 class SafeModelCheckpoint(ModelCheckpoint):
     """ModelCheckpoint (best by ``monitor`` + ``last.ckpt``, rewritten every epoch) that also:
 
     - writes atomically and loads with ``weights_only=True`` (:class:`AtomicCheckpointIO`);
     - stores the RNG states, so resuming from an epoch-boundary checkpoint reproduces the uninterrupted run;
-    - stops with :class:`NonFiniteError` on a NaN/inf training loss or monitored metric, before anything
-      non-finite can be saved as best or last;
-    - on SIGTERM or SIGINT (Ctrl+C), finishes the current batch, writes ``last.ckpt`` and exits with
-      128 + the signal number (Lightning alone exits 0), saying how to resume.
+    - writes ``last.ckpt`` when training starts, at every ``every_n_train_steps`` from the first step on, and at
+      the end of every epoch, so a kill at any moment leaves a run that ``resume`` continues;
+    - never writes non-finite weights, and stops with :class:`NonFiniteError` on a NaN/inf training loss (read at
+      logging steps and epoch ends only: reading it every step would stall a GPU) or monitored metric;
+    - on SIGINT or SIGTERM (:class:`StopSignals`) stops at the next point that can be kept: after the training batch
+      in progress, after the validation in progress, or at once in a sanity check, test or predict, writing
+      ``last.ckpt`` where training was under way and exiting with 128 + the signal's number.
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        self._signal: int | None = None
-        if stage == "fit":
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        # StopSignals decides where a run stops; Lightning's own SIGTERM handling would stop inside a validation (a
+        # checkpoint that cannot be resumed) and exit 0
+        trainer._signal_connector._sigterm_notifier_fn = lambda signum, frame: None
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            signal.signal(signal.SIGINT, self._previous_sigint)
+    @property
+    def _last_path(self) -> str:
+        return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
-    def _on_sigint(self, signum: int, frame) -> None:
-        if self._signal is not None:  # a second Ctrl+C: quit now, without the checkpoint
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            raise KeyboardInterrupt
-        self._signal = signum
-        # Lightning's SIGTERM path stops every rank at the same batch; send Ctrl+C down it too
-        os.kill(os.getpid(), signal.SIGTERM)
+    # -- what is written, and when
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # parameters and buffers only: a metric's state may be -inf legitimately (MaxMetric before its first value)
+        for name, tensor in [*pl_module.named_parameters(), *pl_module.named_buffers()]:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                self._stop_non_finite(trainer, f"weight {name} is not finite")
         checkpoint["rng_states"] = rng_states()
+        checkpoint["finished"] = getattr(self, "_finished", False)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+        # a finished run (early-stopped or at max_epochs) is not trained further by resume: fit ends at once and
+        # its best checkpoint is tested
+        trainer.should_stop = bool(checkpoint.get("finished"))
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a fresh run has a checkpoint before its first step: kill it in the sanity check or the first epoch and
+        # `resume` still continues it
+        if not trainer.ckpt_path and not trainer.fast_dev_run and self.dirpath:
+            trainer.save_checkpoint(self._last_path)
+            self.last_model_path = self._last_path
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not torch.isfinite(loss):
-            self._stop_non_finite(trainer, f"the training loss is {loss.item()}")
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if last_batch or trainer.global_step % trainer.log_every_n_steps == 0:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if loss is not None and not torch.isfinite(loss):
+                self._stop_non_finite(trainer, f"the training loss is {loss.item()}")
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self._every_n_train_steps
+        if n and trainer.global_step % n == 0:  # Lightning defers these to the first validation
+            self._save_last_even_without_a_new_best(trainer)
+        # the last batch's stop waits for the validation after it: its checkpoint is the epoch's
+        if not last_batch and self._asked_to_stop(trainer, at_log_step=True):
+            self._stop(trainer, save=True)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         score = trainer.callback_metrics.get(self.monitor)
@@ -136,11 +211,15 @@ class SafeModelCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_even_without_a_new_best(trainer)
+        if trainer.state.fn == "fit" and self._asked_to_stop(trainer):
+            self._stop(trainer, save=not trainer.sanity_checking)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
             self._save_last_even_without_a_new_best(trainer)
+        if self._asked_to_stop(trainer):
+            self._stop(trainer, save=True)
 
     def _save_last_even_without_a_new_best(self, trainer: Trainer) -> None:
         # Lightning 2.6 rewrites last.ckpt only at steps that saved a new top-k checkpoint, so an epoch
@@ -150,6 +229,13 @@ class SafeModelCheckpoint(ModelCheckpoint):
 
     def check_monitor_top_k(self, trainer: Trainer, current: torch.Tensor | None = None) -> bool:
         return current is not None and bool(torch.isfinite(current)) and super().check_monitor_top_k(trainer, current)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt here even in a dry run
+            return
+        self._finished = True  # the run is complete: resume only tests it
+        trainer.save_checkpoint(self._last_path)
+        self.last_model_path = self._last_path
 
     def _stop_non_finite(self, trainer: Trainer, what: str) -> None:
         good = self.last_model_path or self.best_model_path
@@ -161,22 +247,43 @@ class SafeModelCheckpoint(ModelCheckpoint):
             + (f"resume with --ckpt_path {good}." if good else "train again.")
         )
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt here even in a dry run
-            super().on_train_end(trainer, pl_module)
+    # -- stopping on a signal
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or not self.dirpath:
-            super().on_exception(trainer, pl_module, exception)
-            return
-        signum = self._signal or signal.SIGTERM
-        path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-        trainer.save_checkpoint(path)
-        exception.code = 128 + signum
-        if trainer.is_global_zero:
-            run = Path(self.dirpath).parent
-            print(
-                f"\nStopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, step "
-                f"{trainer.global_step}; saved {path}. Resume with: python -m project resume {run}",
-                file=sys.stderr,
-            )
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn != "fit" and self._asked_to_stop(trainer, at_log_step=False):
+            self._stop(trainer, save=False)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._asked_to_stop(trainer, at_log_step=False):
+            self._stop(trainer, save=False)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._asked_to_stop(trainer, at_log_step=False):
+            self._stop(trainer, save=False)
+
+    def _asked_to_stop(self, trainer: Trainer, at_log_step: bool | None = None) -> bool:
+        """Whether a signal asks this run to stop. Under DDP every process must stop at the same batch, which takes a
+        collective: only at logging steps (``at_log_step=True``) and epoch ends (``None``), never inside evaluation."""
+        if trainer.world_size == 1:
+            return StopSignals.signum is not None
+        if at_log_step is False or (at_log_step and trainer.global_step % trainer.log_every_n_steps):
+            return False
+        return trainer.strategy.reduce_boolean_decision(StopSignals.signum is not None, all=False)
+
+    def _stop(self, trainer: Trainer, save: bool) -> None:
+        signum = StopSignals.signum or signal.SIGTERM
+        name = signal.Signals(signum).name
+        run = Path(self.dirpath).parent if self.dirpath else None
+        if trainer.state.fn != "fit" and getattr(self, "_finished", False):  # the test of the best checkpoint after fit
+            raise Interrupted(signum, f"Stopped by {name} while testing the best checkpoint; the training itself is "
+                              f"complete and saved. Test it with: python -m project resume {run}")  # fmt: skip
+        if trainer.state.fn != "fit":
+            raise Interrupted(signum, f"Stopped by {name} during {trainer.state.fn}; it wrote nothing. Run it again.")
+        if save and not trainer.fast_dev_run:
+            trainer.save_checkpoint(self._last_path)
+            self.last_model_path = self._last_path
+        where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        saved = f"saved {self._last_path}" if self.dirpath and not trainer.fast_dev_run else "nothing to save"
+        resume = f" Resume with: python -m project resume {run}" if run else ""
+        print(file=sys.stderr)  # after the progress bar's line
+        raise Interrupted(signum, f"Stopped by {name} at {where}; {saved}.{resume}")

@@ -12,13 +12,15 @@ import warnings
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningCLI
 
 from project.callbacks import CSVPredictionWriter, TensorBoardReport
-from project.checkpoint import SafeModelCheckpoint, check_weights_only
+from project.checkpoint import SafeModelCheckpoint, StopSignals, read_checkpoint
 from project.data import ImageDataModule
 from project.errors import ConfigError
+from project.logger import claim
 from project.module import ImageClassifier
 
 # the home of every default a run sets (the package is installed editable from the repository: pip install -e .)
@@ -100,17 +102,40 @@ class CLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # args is always a list here (main passes sys.argv's); LightningCLI would warn that both are set
         self.config = parser.parse_args(args)
+        command = self.config.get("subcommand")
+        config = self.config.get(command or "", {})
+        if not config:
+            return
+        epochs = config.trainer.max_epochs
+        if command == "fit" and epochs is not None and (epochs == 0 or epochs < -1):
+            raise ConfigError(f"trainer.max_epochs={epochs} trains nothing: give 1 or more (or -1 to train until "
+                              "trainer.max_steps or early stopping).")  # fmt: skip
+        logger = config.trainer.logger
+        root = Path(logger.init_args.save_dir) / logger.init_args.name if _is_tensorboard(logger) else None
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
-        config = self.config.get(self.config.get("subcommand") or "", {})
-        if config and config.get("ckpt_path"):
-            logger = config.trainer.logger
-            root = Path(logger.init_args.save_dir) / logger.init_args.name if _is_tensorboard(logger) else None
+        if config.get("ckpt_path"):
             path = resolve_checkpoint(config.ckpt_path, root)
-            check_weights_only(path)
+            self.checkpoint = read_checkpoint(path)
             config.ckpt_path = str(path)
-            # a checkpoint of a run under logs/ continues that run's directory and TensorBoard run
+            # a checkpoint of a run under logs/ belongs to that run: fit continues its directory and TensorBoard run
             if root is not None and path.parent.name == "checkpoints" and path.parents[2].resolve() == root.resolve():
                 logger.init_args.version = path.parent.parent.name
+        # validate, test and predict write their own directory inside the run they evaluate, never into the run
+        if command != "fit" and root is not None and logger.init_args.version and not logger.init_args.sub_dir:
+            first = rank_zero_only.rank == 0  # the other processes of a DDP run write nothing
+            logger.init_args.sub_dir = claim(root / logger.init_args.version, command) if first else command
+
+    def after_instantiate_classes(self) -> None:
+        """A checkpoint trained on other data (image shape, number of classes) than the config's cannot be loaded."""
+        hparams = getattr(self, "checkpoint", {}).get("hyper_parameters", {})
+        data = self.datamodule
+        for key, ours in (("in_shape", tuple(data.shape)), ("num_classes", data.num_classes)):
+            theirs = hparams.get(key)
+            if theirs is not None and (tuple(theirs) if isinstance(theirs, list | tuple) else theirs) != ours:
+                raise ConfigError(
+                    f"the checkpoint was trained with {key}={theirs}, and the config's data gives {ours}: use the "
+                    "config of the run that wrote it (--config <run>/config.yaml), or a checkpoint of this data."
+                )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -155,8 +180,6 @@ def _is_tensorboard(logger) -> bool:
 def resolve_checkpoint(ckpt: str, root: Path | None) -> Path:
     """A checkpoint file from ``last``/``best`` (of the newest run under ``root``) or a path."""
     if ckpt not in ("last", "best"):
-        if not Path(ckpt).is_file():
-            raise ConfigError(f"--ckpt_path {ckpt}: no such file.")
         return Path(ckpt)
     runs = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=_version) if root else []
     if not runs:
@@ -167,9 +190,7 @@ def resolve_checkpoint(ckpt: str, root: Path | None) -> Path:
     last = runs[-1]
     if ckpt == "last":
         return last
-    import torch
-
-    callbacks = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
+    callbacks = read_checkpoint(last).get("callbacks", {})
     best = next((Path(s["best_model_path"]) for s in callbacks.values() if s.get("best_model_path")), None)
     # by name, inside this run: the run directory may have moved since it was written
     if best is None or not (last.parent / best.name).is_file():
@@ -193,6 +214,22 @@ def _resume_args(argv: list[str]) -> list[str]:
     return ["fit", "--config", str(config), "--ckpt_path", str(last), *argv[1:]]
 
 
+def _check_config_files(argv: list[str]) -> None:
+    """jsonargparse answers an empty config file with a blank "Unexpected config:"; say what is wrong instead."""
+    import yaml
+
+    for option, value in zip(argv, [*argv[1:], ""], strict=True):
+        name, _, inline = option.partition("=")
+        path = Path(inline or value)
+        if name in ("--config", "-c") and path.is_file():
+            try:
+                empty = yaml.safe_load(path.read_text()) is None
+            except (yaml.YAMLError, UnicodeDecodeError):
+                continue  # jsonargparse names the line that does not parse
+            if empty:
+                raise ConfigError(f"{path} is empty: a config holds YAML keys such as trainer:, model: or data:.")
+
+
 def main(argv: list[str]) -> None:
     """``argv``: the command (fit, validate, test, predict or resume), then its arguments."""
     if argv[0] == "resume":
@@ -200,4 +237,6 @@ def main(argv: list[str]) -> None:
         if sys.argv[1:] == argv:  # DDP starts its other processes from sys.argv: they must see the same run
             sys.argv[1:] = expanded
         argv = expanded
-    CLI(args=argv)
+    _check_config_files(argv)
+    with StopSignals():
+        CLI(args=argv)

@@ -3,6 +3,7 @@
 
 class ProjectError(Exception):
     exit_code = 1
+    label = "error: "  # what the message starts with
 
 
 class ConfigError(ProjectError):

@@ -9,6 +9,8 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import Accuracy, F1Score
 
+from project.errors import ConfigError
+
 # Built by jsonargparse from a config's class_path + init_args; the first arguments come from the data.
 NetFactory = Callable[[tuple[int, int, int], int], nn.Module]
 
@@ -39,7 +41,8 @@ class ImageClassifier(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.binary = num_classes == 2
-        self.net = net(in_shape, 1 if self.binary else num_classes)
+        outputs = 1 if self.binary else num_classes
+        self.net = _build(net, in_shape, outputs)
         if channels_last:  # NHWC convolutions: faster with tensor cores (mixed precision on recent GPUs)
             self.net = self.net.to(memory_format=torch.channels_last)
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -149,3 +152,32 @@ class ImageClassifier(LightningModule):
         if given.get("cycle_momentum") and not {"momentum", "betas"} & optimizer.defaults.keys():
             extra["cycle_momentum"] = False
         return self.scheduler(optimizer, **extra)
+
+
+def _build(net: NetFactory, in_shape: tuple[int, int, int], outputs: int) -> nn.Module:
+    """The net, built and run once on two blank images, so that a net that cannot take the data, or returns the wrong
+    shape, fails here with its name instead of deep inside the loss."""
+    name = getattr(net, "func", net)
+    name = f"{name.__module__}.{name.__qualname__}" if hasattr(name, "__qualname__") else repr(name)
+    try:
+        module = net(in_shape, outputs)
+    except TypeError as err:
+        raise ConfigError(
+            f"model.net {name} cannot be built as {name}(in_shape={tuple(in_shape)}, num_outputs={outputs}): {err}. A "
+            "net takes the data's image shape and the number of outputs as its first two arguments."
+        ) from None
+    module.eval()  # no BatchNorm statistics from blank images
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(2, *in_shape))
+    except Exception as err:  # any failure of a user's forward on the data's shape
+        raise ConfigError(f"model.net {name} fails on a batch of images of shape {tuple(in_shape)}: {err}") from None
+    finally:
+        module.train()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, outputs):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"model.net {name} returns {got} for 2 images of shape {tuple(in_shape)}; expected logits of shape "
+            f"(2, {outputs}), one row per image and one column per {'class' if outputs > 1 else 'binary logit'}."
+        )
+    return module

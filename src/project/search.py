@@ -24,8 +24,10 @@ The space is YAML, one entry per config key (or ``configs`` to choose between wh
 """
 
 import argparse
+import contextlib
 import csv
 import ctypes
+import io
 import json
 import os
 import signal
@@ -40,12 +42,14 @@ import optuna
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from project.cli import DEFAULT_CONFIG
 from project.errors import ConfigError, ProjectError
 
 # heartbeats (how a restarted search retries the trial a killed one left running) are still "experimental" in Optuna
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 PRUNED_EXIT = 3
+MAX_FAILURES = 3  # trials failing in a row before a search gives up
 
 
 class Pruned(ProjectError):
@@ -88,16 +92,46 @@ def storage(url: str, heartbeat: int = 10) -> optuna.storages.RDBStorage:
 
 
 def load_space(path: Path) -> dict[str, dict]:
-    space = yaml.safe_load(path.read_text()) or {}
+    """The search space, checked: every entry a dimension that Optuna can sample, every config file there."""
+    if not path.is_file():
+        raise ConfigError(f"--space {path}: no such file.")
+    try:
+        space = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--space {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"--space {path} holds no dimensions; give one per config key, e.g. "
+                          "model.optimizer.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}")  # fmt: skip
     for key, spec in space.items():
-        kind = {"configs", "choices"} & set(spec) or ({"low", "high"} <= set(spec) and {"range"})
-        unknown = set(spec) - {"configs", "choices", "low", "high", "log", "step"}
-        if not kind or unknown:
+        kinds = ({"configs", "choices"} & set(spec) or ({"low", "high"} <= set(spec) and {"range"})) if isinstance(
+            spec, dict) else set()  # fmt: skip
+        if len(kinds) != 1 or set(spec) - {"configs", "choices", "low", "high", "log", "step"}:
             raise ConfigError(
                 f"{path}: {key}: {spec} is not a search dimension; give {{low, high[, log, step]}}, {{choices: [...]}} "
                 "or {configs: [files]}."
             )
+        values = spec.get("configs", spec.get("choices"))
+        if values is not None and (not isinstance(values, list) or not values):
+            raise ConfigError(
+                f"{path}: {key}: give a non-empty list of {'configs' if 'configs' in spec else 'choices'}."
+            )
+        if "low" in spec:
+            low, high = spec["low"], spec["high"]
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) or low > high:
+                raise ConfigError(f"{path}: {key}: low ({low}) and high ({high}) must be numbers with low <= high.")
+            if spec.get("log") and low <= 0:
+                raise ConfigError(f"{path}: {key}: a log scale needs low > 0 (got {low}).")
+        for config in spec.get("configs", []):
+            config_file(config, path)
     return space
+
+
+def config_file(name: str, space: Path) -> Path:
+    """A config file a space names, found beside the space file, in the project, or from the working directory."""
+    for base in (space.parent, DEFAULT_CONFIG.parents[1], Path.cwd()):
+        if (base / name).is_file():
+            return base / name
+    raise ConfigError(f"{space}: config file {name} is neither beside the space file, in the project, nor here.")
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict]) -> None:
@@ -110,9 +144,37 @@ def suggest(trial: optuna.Trial, space: dict[str, dict]) -> None:
             trial.suggest_float(key, spec["low"], spec["high"], step=spec.get("step"), log=spec.get("log", False))
 
 
-def config_args(params: dict, space: dict[str, dict]) -> list[str]:
-    """A trial's parameters as ``fit`` arguments: ``--config=FILE`` for a chosen config, ``--KEY=VALUE`` otherwise."""
-    return [f"--config={v}" if "configs" in space[k] else f"--{k}={json.dumps(v)}" for k, v in params.items()]
+def config_args(params: dict, space: dict[str, dict], space_file: Path) -> list[str]:
+    """A trial's parameters as ``fit`` arguments: the chosen config files first, then ``--KEY=VALUE`` for the rest, so
+    that a file's values never override a sampled one."""
+    files = [f"--config={config_file(v, space_file)}" for k, v in params.items() if "configs" in space[k]]
+    return files + [f"--{k}={json.dumps(v)}" for k, v in params.items() if "configs" not in space[k]]
+
+
+def resolve(args: list[str]) -> str:
+    """The whole config that ``fit ARGS`` would run (``--print_config``), parsed in this process; ConfigError with
+    the parser's message if it does not parse."""
+    from project.cli import CLI
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            CLI(args=["fit", *args, "--print_config"])
+        except SystemExit as exit:
+            if exit.code:
+                text = err.getvalue()
+                why = " ".join(text[text.rfind("error:") + 6 :].split()) if "error:" in text else text.strip()
+                raise ConfigError(f"a trial would not start: {why} (fit {' '.join(args)})") from None
+    return out.getvalue()
+
+
+def check_space(space: dict[str, dict], space_file: Path, base: list[str]) -> None:
+    """Every value of every dimension parses as a config (the other dimensions at their first value): a misspelt key
+    or a value of the wrong type stops the search before its first trial, not after trials that all fail."""
+    first = {k: s.get("configs", s.get("choices", [s.get("low")]))[0] for k, s in space.items()}
+    for key, spec in space.items():
+        for value in spec.get("configs", spec.get("choices", [spec.get("low"), spec.get("high")])):
+            resolve([*base, *config_args({**first, key: value}, space, space_file)])
 
 
 def _die_with_parent() -> None:
@@ -126,7 +188,7 @@ def best_value(trial: optuna.trial.FrozenTrial, maximize: bool) -> float | None:
     return (max if maximize else min)(values) if values else None
 
 
-def write_reports(study: optuna.Study, space: dict, base: list[str], directory: Path, monitor: str) -> None:
+def write_reports(study: optuna.Study, space: dict, space_file: Path, base: list[str], directory: Path, monitor: str):
     keys = list(space)
     columns = ["trial", "state", monitor, "epochs", "seconds", "worker", *keys]
     rows = []
@@ -161,11 +223,8 @@ def write_reports(study: optuna.Study, space: dict, base: list[str], directory: 
         print(f"No parameter importances yet: {err}")
 
     best = study.best_trial
-    resolved = subprocess.run(
-        [sys.executable, "-m", "project", "fit", *base, *config_args(best.params, space),
-         f"--trainer.logger.init_args.name=search_{study.study_name}_best", "--print_config"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    resolved = resolve([*base, *config_args(best.params, space, space_file),
+                        f"--trainer.logger.init_args.name=search_{study.study_name}_best"])  # fmt: skip
     (directory / "best.yaml").write_text(
         f"# best of study {study.study_name}: trial {best.number}, {monitor}={best.value:.4f}\n{resolved}"
     )
@@ -190,16 +249,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logs", type=Path, default=Path("logs/search"))
     args = parser.parse_args(argv[1 : argv.index("--")] if "--" in argv else argv[1:])
+    if args.trials < 1:
+        raise ConfigError(f"--trials {args.trials}: a study needs at least 1 trial.")
     run_search(args, extra)
 
 
 def run_search(args: argparse.Namespace, extra: list[str]) -> None:
     space = load_space(args.space)
+    base = [f"--config={c}" for c in args.config]
+    check_space(space, args.space, base)
     name = args.study or args.space.stem
     directory = args.logs / name
     directory.mkdir(parents=True, exist_ok=True)
     url = args.storage or f"sqlite:///{directory / 'study.db'}"
-    base = [f"--config={c}" for c in args.config]
     if args.sampler == "grid":
         if missing := [k for k, s in space.items() if "low" in s]:
             raise ConfigError(f"--sampler grid needs choices for every key; {', '.join(missing)} has a range.")
@@ -212,6 +274,7 @@ def run_search(args: argparse.Namespace, extra: list[str]) -> None:
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     maximize = args.direction == "maximize"
     worker = f"{socket.gethostname()}:{os.getpid()}"
+    failures = []  # this worker's trials that failed in a row
 
     def objective(trial: optuna.Trial) -> float:
         suggest(trial, space)
@@ -221,7 +284,7 @@ def run_search(args: argparse.Namespace, extra: list[str]) -> None:
         report = {"class_path": "project.search.OptunaReport", "init_args": {
             "storage": url, "study": name, "trial_id": trial._trial_id, "monitor": args.monitor,
             "startup_trials": args.startup_trials, "warmup_epochs": args.warmup_epochs}}  # fmt: skip
-        command = [sys.executable, "-m", "project", "fit", *base, *config_args(trial.params, space),
+        command = [sys.executable, "-m", "project", "fit", *base, *config_args(trial.params, space, args.space),
                    f"--trainer.logger.init_args.save_dir={directory}", f"--trainer.logger.init_args.name={run_name}",
                    f"--trainer.callbacks+={json.dumps(report)}", *extra]  # fmt: skip
         shown = ", ".join(f"{k}={v}" for k, v in trial.params.items())
@@ -236,7 +299,15 @@ def run_search(args: argparse.Namespace, extra: list[str]) -> None:
             print(f"trial {trial.number}: pruned after {len(frozen.intermediate_values)} epochs ({took})", flush=True)
             raise optuna.TrialPruned()
         if code != 0 or value is None:
-            raise RuntimeError(f"trial {trial.number} failed (exit {code}); see {directory / run_name}.log")
+            failures.append(trial.number)
+            log = directory / f"{run_name}.log"
+            errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+            why = f"trial {trial.number} failed (exit {code}{': ' + errors[-1] if errors else ''}); see {log}"
+            if code == 2 or len(failures) >= MAX_FAILURES:  # a config error fails every trial alike
+                raise ProjectError(f"search stopped: {why}" + (f" (trials {failures} failed in a row)" if
+                                   len(failures) > 1 else ""))  # fmt: skip
+            raise RuntimeError(why)
+        failures.clear()
         print(f"trial {trial.number}: {args.monitor}={value:.4f} ({took})", flush=True)
         return value
 
@@ -248,4 +319,4 @@ def run_search(args: argparse.Namespace, extra: list[str]) -> None:
         study.optimize(objective, callbacks=[enough], catch=(RuntimeError,))
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise ProjectError(f"study {name} has no complete trial; see the logs in {directory}")
-    write_reports(study, space, base, directory, args.monitor)
+    write_reports(study, space, args.space, base, directory, args.monitor)

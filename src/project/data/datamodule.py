@@ -129,6 +129,11 @@ class ImageDataModule(LightningDataModule):
                     f"data.val_size={size} leaves no {'validation' if n_val < 1 else 'training'} images: "
                     f"the {self.info.title} train set has {len(y)}."
                 )
+            if len(y) - n_val < self.hparams.batch_size:  # drop_last: not one training batch
+                raise ConfigError(
+                    f"data.batch_size={self.hparams.batch_size} is more than the {len(y) - n_val} training images that "
+                    f"data.val_size={size} leaves of the {self.info.title} train set: no batch would train. Lower one."
+                )
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.hparams.split_seed))
             self.val_set = _Tensors(x[order[:n_val]], y[order[:n_val]])
             self.train_set = _Tensors(x[order[n_val:]], y[order[n_val:]])

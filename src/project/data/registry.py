@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,8 @@ DATASETS: dict[str, DatasetInfo] = {
 def prepare(name: str, data_dir: str | Path, download: bool) -> None:
     """Make every file of ``name`` present under ``data_dir`` and check its content, or raise DataError."""
     info = DATASETS[name]
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"data.data_dir {data_dir} is a file, not a directory: give a directory for the dataset files.")
     raw = Path(data_dir).resolve() / info.folder
     missing = [f for f in info.md5 if not (raw / f).exists()]
     sources = [raw] + ([Path(info.local_copy)] if info.local_copy else [])
@@ -143,9 +146,11 @@ def prepare(name: str, data_dir: str | Path, download: bool) -> None:
     for file, expected in info.md5.items():
         actual = _md5(raw / file)
         if actual != expected:
+            # a bad .gz beside it would only be decompressed again
+            also = f" (and {raw / file}.gz, which it came from)" if (raw / f"{file}.gz").exists() else ""
             raise DataError(
                 f"{info.title} file {raw / file} is corrupt or truncated ({(raw / file).stat().st_size} bytes, "
-                f"md5 {actual}, expected {expected}). Delete it and run again to fetch a fresh copy"
+                f"md5 {actual}, expected {expected}). Delete it{also} and run again to fetch a fresh copy"
                 + (f", or reinstall the {info.package} package" if info.package else "")
                 + "."
             )
@@ -182,8 +187,19 @@ def _gunzip_from(dest: Path, sources: list[Path]) -> bool:
         if src.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{dest.name}.tmp")
-            with gzip.open(src) as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
+            try:
+                if src.stat().st_size == 0:
+                    raise EOFError("the file is empty")
+                with gzip.open(src) as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+            except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+                tmp.unlink(missing_ok=True)
+                if isinstance(err, OSError) and not isinstance(err, gzip.BadGzipFile) and err.errno is not None:
+                    raise  # the disk, not the file
+                raise DataError(
+                    f"{src} is not a complete gzip file ({src.stat().st_size} bytes; {err or type(err).__name__}). "
+                    "Delete it and run again: the template then fetches a fresh copy."
+                ) from None
             os.replace(tmp, dest)
             return True
     return False
