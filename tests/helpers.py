@@ -1,8 +1,12 @@
 """Callbacks for tests that look inside child processes (importable there with tests/ on PYTHONPATH)."""
 
 import json
+import os
+import signal as signal_module
+import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback
 
 
@@ -20,3 +24,59 @@ class DumpMetrics(Callback):
             path.write_text(
                 json.dumps({"world_size": trainer.world_size, "global_step": trainer.global_step, **metrics})
             )
+
+
+class Fault(Callback):
+    """Sends ``signal`` (``SIGINT``, ``SIGTERM`` or ``SIGKILL``) to this very process at one moment of a run:
+
+    - ``sanity``: the first sanity-check batch; ``train0`` / ``val0``: batch ``batch`` of epoch 0's training /
+      validation; ``train1`` / ``val1``: the same in epoch 1; ``test``: the test after fit; ``predict``;
+    - ``save``: inside the first checkpoint write after step 0, when the file is written but not yet renamed into
+      place (a kill there must leave the previous checkpoint).
+
+    Once only: the file ``once`` records that it fired (a resumed run has this callback in its config too).
+    """
+
+    def __init__(self, signal: str, phase: str, once: str, batch: int = 1):
+        self.signum, self.phase, self.once, self.batch = getattr(signal_module, signal), phase, Path(once), batch
+
+    def _fire(self) -> None:
+        if self.once.exists():
+            return
+        self.once.touch()
+        os.kill(os.getpid(), self.signum)
+        time.sleep(0.5)  # a SIGKILL takes effect here; the others have been noted by then
+
+    def _at(self, phase: str, trainer, batch_idx: int) -> None:
+        if phase == self.phase and batch_idx == self.batch:
+            self._fire()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking:
+            if self.phase == "sanity" and batch_idx == 0:
+                self._fire()
+        else:
+            self._at(f"val{trainer.current_epoch}", trainer, batch_idx)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._at(f"train{trainer.current_epoch}", trainer, batch_idx)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._at("test", trainer, batch_idx)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._at("predict", trainer, batch_idx)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.phase != "save" or trainer.global_step == 0 or self.once.exists():
+            return
+        self.phase = "done"
+        save = torch.save
+
+        def save_then_fire(obj, f, *args, **kwargs):
+            torch.save = save
+            save(obj, f, *args, **kwargs)
+            f.flush()  # the whole file is in the temporary file, not yet renamed over the checkpoint
+            self._fire()
+
+        torch.save = save_then_fire

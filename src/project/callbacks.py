@@ -86,7 +86,8 @@ class TensorBoardReport(Callback):
         writer.add_text("model/summary", table + total)
         writer.add_scalar("model/params", summary.trainable_parameters, 0)
         # here rather than by the logger (which traces again at every test): after fit starts the net may be compiled
-        with warnings.catch_warnings():  # TensorBoard draws graphs from torch.jit.trace only, deprecated since 2.14
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # the trace's dropout draws no numbers
+            # TensorBoard draws graphs from torch.jit.trace only, deprecated since torch 2.14
             warnings.filterwarnings("ignore", ".*torch.jit.trace", FutureWarning)
             writer.add_graph(pl_module, pl_module.example_input_array.to(pl_module.device))
         writer.add_custom_scalars(

@@ -177,17 +177,23 @@ class SafeModelCheckpoint(ModelCheckpoint):
         checkpoint["finished"] = getattr(self, "_finished", False)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        if "rng_states" in checkpoint:
-            set_rng_states(checkpoint["rng_states"])
+        # restored where training starts: only training steps (dropout, augmentation) draw from these RNGs (the data
+        # order has its own generator), and what runs before them in a resumed run did not run in the original
+        self._rng_states = checkpoint.get("rng_states")
         # a finished run (early-stopped or at max_epochs) is not trained further by resume: fit ends at once and
         # its best checkpoint is tested
         trainer.should_stop = bool(checkpoint.get("finished"))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if getattr(self, "_rng_states", None):
+            set_rng_states(self._rng_states)
+            self._rng_states = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # a fresh run has a checkpoint before its first step: kill it in the sanity check or the first epoch and
         # `resume` still continues it
         if not trainer.ckpt_path and not trainer.fast_dev_run and self.dirpath:
-            trainer.save_checkpoint(self._last_path)
+            trainer.save_checkpoint(self._last_path, weights_only=False)
             self.last_model_path = self._last_path
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
@@ -211,7 +217,9 @@ class SafeModelCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_even_without_a_new_best(trainer)
-        if trainer.state.fn == "fit" and self._asked_to_stop(trainer):
+        # a stop waits for the checkpoint that ends the epoch, written here or at the end of the training epoch
+        at_epoch_end = not trainer.sanity_checking and self._should_save_on_train_epoch_end(trainer)
+        if trainer.state.fn == "fit" and not at_epoch_end and self._asked_to_stop(trainer):
             self._stop(trainer, save=not trainer.sanity_checking)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -231,10 +239,15 @@ class SafeModelCheckpoint(ModelCheckpoint):
         return current is not None and bool(torch.isfinite(current)) and super().check_monitor_top_k(trainer, current)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt here even in a dry run
+        if not trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt here even in a dry run
+            super().on_train_end(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # also where a resumed run that had nothing left to train ends (Lightning skips on_train_end then)
+        if trainer.fast_dev_run or not self.dirpath:
             return
         self._finished = True  # the run is complete: resume only tests it
-        trainer.save_checkpoint(self._last_path)
+        trainer.save_checkpoint(self._last_path, weights_only=False)
         self.last_model_path = self._last_path
 
     def _stop_non_finite(self, trainer: Trainer, what: str) -> None:
@@ -278,9 +291,10 @@ class SafeModelCheckpoint(ModelCheckpoint):
             raise Interrupted(signum, f"Stopped by {name} while testing the best checkpoint; the training itself is "
                               f"complete and saved. Test it with: python -m project resume {run}")  # fmt: skip
         if trainer.state.fn != "fit":
-            raise Interrupted(signum, f"Stopped by {name} during {trainer.state.fn}; it wrote nothing. Run it again.")
+            raise Interrupted(signum, f"Stopped by {name} during {trainer.state.fn.value}; it wrote nothing. Run it "
+                              "again.")  # fmt: skip
         if save and not trainer.fast_dev_run:
-            trainer.save_checkpoint(self._last_path)
+            trainer.save_checkpoint(self._last_path, weights_only=False)
             self.last_model_path = self._last_path
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         saved = f"saved {self._last_path}" if self.dirpath and not trainer.fast_dev_run else "nothing to save"

@@ -147,9 +147,11 @@ class CLI(LightningCLI):
                     "this config asks for a GPU (trainer.accelerator), but torch sees none on this machine. Run it on "
                     "a machine with a CUDA GPU, or add --config configs/trainer/cpu.yaml to run it on the CPU."
                 )
-        if config.trainer.enable_progress_bar is False:  # the flag wins over the configured bar
-            callbacks = config.trainer.callbacks or []
-            config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith("ProgressBar")]
+        # the flags win over the configured bar and summary
+        for flag, kind in (("enable_progress_bar", "ProgressBar"), ("enable_model_summary", "ModelSummary")):
+            if config.trainer[flag] is False:
+                callbacks = config.trainer.callbacks or []
+                config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith(kind)]
 
     def instantiate_trainer(self, **kwargs):
         try:

@@ -41,6 +41,24 @@ class _SlicedBatchSampler(BatchSampler):
         yield from order[:stop].split(self.batch_size)
 
 
+class _EpochShuffle(RandomSampler):
+    """A new order every epoch, drawn from ``(seed, epoch)`` alone (Lightning calls ``set_epoch``): a resumed run gets
+    the order the uninterrupted one had, whatever else has drawn from the global RNG since. Under DDP, Lightning
+    replaces it with a DistributedSampler, which shuffles by seed and epoch in the same way."""
+
+    def __init__(self, data: Dataset, seed: int):
+        super().__init__(data)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        yield from torch.randperm(
+            len(self.data_source), generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
+
+
 def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch
 
@@ -91,6 +109,8 @@ class ImageDataModule(LightningDataModule):
                 f"data.positive_class={positive_class} is not a class of {self.info.title} "
                 f"(0..{len(self.info.classes) - 1})."
             )
+        # the run's seed (seed_everything has set it by now): another seed, another order
+        self.shuffle_seed = torch.initial_seed()
         self.train_set: _Tensors | None = None
         self.val_set: _Tensors | None = None
         self.test_set: _Tensors | None = None
@@ -164,11 +184,13 @@ class ImageDataModule(LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         if self.hparams.on_device:
             data.x, data.y = data.x.to(device), data.y.to(device)  # once: a no-op when already there
-        order = RandomSampler(data) if shuffle else SequentialSampler(data)
+        order = _EpochShuffle(data, self.shuffle_seed) if shuffle else SequentialSampler(data)
         return DataLoader(
             data,
             batch_sampler=_SlicedBatchSampler(order, batch_size, drop_last),
             collate_fn=_batch_as_is,
+            # its own generator: creating an iterator then draws nothing from the global RNG (see _EpochShuffle)
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=device.type == "cuda" and not self.hparams.on_device,
