@@ -119,8 +119,9 @@ class Child:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # pytest's capture objects would swallow the output
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        # pytest's capture objects would swallow the output; this process ends with os._exit, closing nothing
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.argv = ["project", *args]
         code = 0
         try:

@@ -106,7 +106,8 @@ def test_predict_writes_one_row_per_test_image(tmp_path, fashion_dir):
             "--ckpt_path=best",
         ]
     )
-    path = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0" / "predictions.csv"
+    # in a directory of its own inside the run it evaluates
+    path = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0" / "predict_0" / "predictions.csv"
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == 10000 and [int(r["index"]) for r in rows] == list(range(10000))
     targets = c.datamodule.test_set.y.tolist()

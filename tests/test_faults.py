@@ -86,7 +86,8 @@ def test_a_fault_at_any_phase_leaves_a_run_that_resume_finishes(tmp_path, fashio
     assert resumed.wait() == 0, resumed.output[-3000:]
     assert "test/acc" in resumed.output
     final = load(checkpoints / "last.ckpt")
-    assert final["global_step"] == STEPS and final["finished"]
+    assert final["global_step"] == STEPS
+    assert [p.name for p in checkpoints.glob("last*")] == ["last.ckpt"]  # rewritten, never a last-v1.ckpt beside it
     assert [p.name for p in run_dir(tmp_path).parent.iterdir()] == ["version_0"]  # the same run directory
     at_boundary = PHASES[phase] or signal_name == "SIGKILL"  # a kill leaves the last epoch-end checkpoint
     if at_boundary:
@@ -99,8 +100,9 @@ def test_a_fault_at_any_phase_leaves_a_run_that_resume_finishes(tmp_path, fashio
 def test_a_fault_in_predict_writes_nothing_and_changes_nothing(tmp_path, fashion_dir, signal_name):
     assert invoke(fit_args(tmp_path, fashion_dir)).returncode == 0
     before = {p: p.read_bytes() for p in run_dir(tmp_path).rglob("*") if p.is_file()}
-    args = ["predict", "--ckpt_path=best", f"--data.data_dir={fashion_dir}", "--trainer.accelerator=cpu",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", fault(tmp_path, signal_name, "predict")]  # fmt: skip
+    logs = f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"
+    args = ["predict", "--ckpt_path=best", f"--data.data_dir={fashion_dir}", "--trainer.accelerator=cpu", logs,
+            fault(tmp_path, signal_name, "predict")]  # fmt: skip
     child = Child(args, tmp_path / "predict.log")
     assert child.wait() == SIGNALS[signal_name], child.output[-3000:]
     if signal_name != "SIGKILL":
@@ -111,7 +113,8 @@ def test_a_fault_in_predict_writes_nothing_and_changes_nothing(tmp_path, fashion
 
 def test_step_checkpoints_bound_the_loss_from_the_first_step(tmp_path, fashion_dir):
     # killed at step 5 of epoch 0, before any validation: the checkpoint of step 4 is there
-    args = fit_args(tmp_path, fashion_dir, *NOISY, "--checkpoint.every_n_train_steps=2", fault(tmp_path, "SIGKILL", "train0", 5))
+    every_2 = "--checkpoint.every_n_train_steps=2"
+    args = fit_args(tmp_path, fashion_dir, *NOISY, every_2, fault(tmp_path, "SIGKILL", "train0", 5))
     child = Child(args, tmp_path / "run.log")
     assert child.wait() == -signal.SIGKILL
     assert load(run_dir(tmp_path) / "checkpoints" / "last.ckpt")["global_step"] == 4

@@ -174,15 +174,16 @@ class SafeModelCheckpoint(ModelCheckpoint):
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 self._stop_non_finite(trainer, f"weight {name} is not finite")
         checkpoint["rng_states"] = rng_states()
-        checkpoint["finished"] = getattr(self, "_finished", False)
+        checkpoint["stopped_early"] = getattr(self, "_finished", False) and trainer.should_stop
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         # restored where training starts: only training steps (dropout, augmentation) draw from these RNGs (the data
         # order has its own generator), and what runs before them in a resumed run did not run in the original
         self._rng_states = checkpoint.get("rng_states")
-        # a finished run (early-stopped or at max_epochs) is not trained further by resume: fit ends at once and
-        # its best checkpoint is tested
-        trainer.should_stop = bool(checkpoint.get("finished"))
+        # a run that early stopping ended is not trained further by resume: fit ends at once and its best checkpoint
+        # is tested (a run that reached max_epochs ends so by itself, and a larger max_epochs extends it)
+        if trainer.state.fn == "fit":
+            trainer.should_stop = bool(checkpoint.get("stopped_early"))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if getattr(self, "_rng_states", None):
@@ -193,8 +194,7 @@ class SafeModelCheckpoint(ModelCheckpoint):
         # a fresh run has a checkpoint before its first step: kill it in the sanity check or the first epoch and
         # `resume` still continues it
         if not trainer.ckpt_path and not trainer.fast_dev_run and self.dirpath:
-            trainer.save_checkpoint(self._last_path, weights_only=False)
-            self.last_model_path = self._last_path
+            self._write_last(trainer)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
         last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
@@ -229,6 +229,12 @@ class SafeModelCheckpoint(ModelCheckpoint):
         if self._asked_to_stop(trainer):
             self._stop(trainer, save=True)
 
+    def _write_last(self, trainer: Trainer) -> None:
+        # named before the write, as Lightning does: the path is part of the state saved, and a resumed run that did
+        # not know it would write last-v1.ckpt beside it
+        self.last_model_path = self._last_path
+        trainer.save_checkpoint(self._last_path, weights_only=False)
+
     def _save_last_even_without_a_new_best(self, trainer: Trainer) -> None:
         # Lightning 2.6 rewrites last.ckpt only at steps that saved a new top-k checkpoint, so an epoch
         # that does not improve would be lost by a kill (skipping also covers "already saved at this step")
@@ -243,12 +249,11 @@ class SafeModelCheckpoint(ModelCheckpoint):
             super().on_train_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # also where a resumed run that had nothing left to train ends (Lightning skips on_train_end then)
-        if trainer.fast_dev_run or not self.dirpath:
-            return
-        self._finished = True  # the run is complete: resume only tests it
-        trainer.save_checkpoint(self._last_path, weights_only=False)
-        self.last_model_path = self._last_path
+        # a run that early stopping ended says so in last.ckpt (see on_load_checkpoint); on_fit_end, not on_train_end,
+        # which Lightning skips in a resumed run that had nothing left to train
+        self._finished = True
+        if trainer.should_stop and not trainer.fast_dev_run and self.dirpath:
+            self._write_last(trainer)
 
     def _stop_non_finite(self, trainer: Trainer, what: str) -> None:
         good = self.last_model_path or self.best_model_path
@@ -294,8 +299,7 @@ class SafeModelCheckpoint(ModelCheckpoint):
             raise Interrupted(signum, f"Stopped by {name} during {trainer.state.fn.value}; it wrote nothing. Run it "
                               "again.")  # fmt: skip
         if save and not trainer.fast_dev_run:
-            trainer.save_checkpoint(self._last_path, weights_only=False)
-            self.last_model_path = self._last_path
+            self._write_last(trainer)
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         saved = f"saved {self._last_path}" if self.dirpath and not trainer.fast_dev_run else "nothing to save"
         resume = f" Resume with: python -m project resume {run}" if run else ""

@@ -103,8 +103,9 @@ def load_space(path: Path) -> dict[str, dict]:
         raise ConfigError(f"--space {path} holds no dimensions; give one per config key, e.g. "
                           "model.optimizer.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}")  # fmt: skip
     for key, spec in space.items():
-        kinds = ({"configs", "choices"} & set(spec) or ({"low", "high"} <= set(spec) and {"range"})) if isinstance(
-            spec, dict) else set()  # fmt: skip
+        kinds = set()
+        if isinstance(spec, dict):
+            kinds = {"configs", "choices"} & set(spec) or ({"range"} if {"low", "high"} <= set(spec) else set())
         if len(kinds) != 1 or set(spec) - {"configs", "choices", "low", "high", "log", "step"}:
             raise ConfigError(
                 f"{path}: {key}: {spec} is not a search dimension; give {{low, high[, log, step]}}, {{choices: [...]}} "
@@ -256,6 +257,11 @@ def main(argv: list[str]) -> None:
 
 def run_search(args: argparse.Namespace, extra: list[str]) -> None:
     space = load_space(args.space)
+    # arguments after -- come after a trial's sampled ones, so they would win: a searched key there is never searched
+    given = {a[2:].split("=", 1)[0] for a in extra if a.startswith("--")}
+    if clash := sorted(k for k in space if any(g == k or f"{g}.".startswith(f"{k}.") for g in given)):
+        raise ConfigError(f"the arguments after -- set {', '.join(clash)}, which the space searches: the trials would "
+                          "all train the value given there. Remove it from one of the two.")  # fmt: skip
     base = [f"--config={c}" for c in args.config]
     check_space(space, args.space, base)
     name = args.study or args.space.stem
