@@ -56,6 +56,8 @@ def pytest_collection_modifyitems(config, items) -> None:
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+    # the long tests first: parallel workers then end together instead of one finishing a long test alone
+    items.sort(key=lambda item: "slow" not in item.keywords)
 
 
 def fit_args(tmp_path: Path, data_dir: Path, *extra: str, config: str | None = None) -> list[str]:
@@ -154,6 +156,13 @@ class Child:
     @property
     def output(self) -> str:
         return self.log.read_text()
+
+
+def forked(args: list[str], log: Path) -> Result:
+    """:class:`Child` run to its end; its output (stdout and stderr together) as both streams."""
+    child = Child(args, log)
+    code = child.wait()
+    return Result(code, child.output, child.output)
 
 
 def run(args: list[str], timeout: float = 300, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, run, write_idx
+from conftest import OFFLINE, ROOT, invoke, write_idx
 
 from project.data import DATASETS, ImageDataModule
 from project.data.augment import random_crop, random_hflip
@@ -130,9 +130,11 @@ def test_val_size_larger_than_the_train_set(fake_mnist):
         dm.setup("fit")
 
 
-def test_missing_data_without_network_names_directory_files_and_remedies(tmp_path):
-    # a child process with every proxy pointing at a closed port: the download really runs and fails
-    result = run(["fit", "--data.dataset=mnist", f"--data.data_dir={tmp_path}", "--model.net=project.models.MLP"])
+def test_missing_data_without_network_names_directory_files_and_remedies(tmp_path, monkeypatch):
+    # every proxy pointing at a closed port: the download really runs and fails
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    result = invoke(["fit", "--data.dataset=mnist", f"--data.data_dir={tmp_path}", "--model.net=project.models.MLP"])
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: MNIST is not in ")

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import fit_args, run
 
@@ -5,6 +6,7 @@ from project.data import ImageDataModule
 from project.module import ImageClassifier
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_shards_batches_and_syncs_metrics(tmp_path, fashion_dir):
     # 2000 training images, 100 per process per step: 10 steps per epoch if each rank takes its own half
     args = fit_args(tmp_path, fashion_dir, "--data.val_size=58000", "--data.batch_size=100",

@@ -8,7 +8,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, TINY, cli, fit_args, free_port, run
+from conftest import ROOT, TINY, cli, fit_args, forked, free_port, invoke
 
 from project.lr_plot import schedule
 
@@ -38,11 +38,12 @@ def test_lr_schedules_without_training():
 
 def test_lr_plot_writes_a_png(tmp_path):
     out = tmp_path / "lr.png"
-    result = run(["lr-plot", str(ROOT / "configs/experiments/schedulers"), f"--out={out}"])
+    result = invoke(["lr-plot", str(ROOT / "configs/experiments/schedulers"), f"--out={out}"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.read_bytes().startswith(PNG) and f"Wrote {out}" in result.stdout
 
 
+@pytest.mark.slow
 def test_compare_runs_variants_reports_failures_and_reuses_finished_runs(tmp_path, fashion_dir):
     experiment = tmp_path / "tiny"
     experiment.mkdir()
@@ -52,7 +53,7 @@ def test_compare_runs_variants_reports_failures_and_reuses_finished_runs(tmp_pat
     (experiment / "broken.yaml").write_text("model:\n  net:\n    class_path: project.models.Nope\n")
     logs = tmp_path / "logs"
     args = ["compare", str(experiment), f"--logs={logs}", "--", *TINY, "--trainer.max_epochs=2"]
-    result = run(args)
+    result = forked(args, tmp_path / "compare.log")
     assert result.returncode == 1  # a variant failed, and says so
     assert "[1/3] tiny/broken: FAILED, exit 2" in result.stdout and "Nope" in result.stdout
     with open(logs / "tiny" / "comparison.csv") as f:
@@ -65,7 +66,7 @@ def test_compare_runs_variants_reports_failures_and_reuses_finished_runs(tmp_pat
     assert "| linear | ok |" in (logs / "tiny" / "comparison.md").read_text()
     assert (logs / "tiny" / "curves.png").read_bytes().startswith(PNG)
 
-    again = run(args)
+    again = forked(args, tmp_path / "again.log")
     assert "[2/3] tiny/linear: reusing" in again.stdout and "[3/3] tiny/mlp: reusing" in again.stdout
     assert sorted(p.name for p in (logs / "tiny" / "mlp").iterdir()) == ["version_0"]
 
@@ -77,6 +78,7 @@ def _get(url: str, data: dict | None = None):
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_runs_story(tmp_path, fashion_dir):
     cli(fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"))
     port = free_port()

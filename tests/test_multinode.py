@@ -1,11 +1,13 @@
 """Two nodes x one process on loopback through torchrun (c10d rendezvous, gloo), against one process."""
 
 import json
-import os
 import subprocess
 import sys
 
-from conftest import OFFLINE, ROOT, fit_args, free_port
+import pytest
+from conftest import ROOT, child_env, fit_args, forked, free_port
+
+pytestmark = pytest.mark.slow
 
 
 def _args(tmp_path, fashion_dir, name: str, batch_size: int) -> list[str]:
@@ -18,7 +20,7 @@ def _args(tmp_path, fashion_dir, name: str, batch_size: int) -> list[str]:
 
 
 def test_two_nodes_with_torchrun_match_one_process_of_the_same_global_batch(tmp_path, fashion_dir):
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT / "tests")}
+    env = child_env(PYTHONPATH=str(ROOT / "tests"))
     port = free_port()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test"]  # fmt: skip
@@ -35,11 +37,10 @@ def test_two_nodes_with_torchrun_match_one_process_of_the_same_global_batch(tmp_
         )
         for rank in range(2)
     ]
-    single = subprocess.run([sys.executable, "-m", "project", *_args(tmp_path, fashion_dir, "one_process", 100)],
-                            cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    single = forked(_args(tmp_path, fashion_dir, "one_process", 100), tmp_path / "one_process.log")
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, single.stdout[-3000:]
 
     ranks = [json.loads((tmp_path / "two_nodes" / f"rank{r}.json").read_text()) for r in range(2)]
     one = json.loads((tmp_path / "one_process" / "rank0.json").read_text())

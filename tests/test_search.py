@@ -87,7 +87,7 @@ SPACE = "model.scheduler.init_args.max_lr: {low: 1.0e-3, high: 1.0e-2, log: true
 
 @pytest.mark.slow
 def test_kill_9_loses_only_the_running_trial_and_the_same_command_continues(tmp_path, fashion_dir):
-    args = search_args(tmp_path, fashion_dir, SPACE, 3)
+    args = search_args(tmp_path, fashion_dir, SPACE, 2)
     search = Child(args, tmp_path / "search.log")
     db = tmp_path / "search" / "space" / "study.db"
     deadline = time.monotonic() + 240
@@ -113,24 +113,24 @@ def test_kill_9_loses_only_the_running_trial_and_the_same_command_continues(tmp_
     assert again.wait() == 0, again.output[-3000:]
     trials = study(tmp_path).trials
     assert trials[running].state == optuna.trial.TrialState.FAIL  # lost: only the trial that was running
-    assert sum(t.state in FINISHED for t in trials) == 3
+    assert sum(t.state in FINISHED for t in trials) == 2
     retried = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == running]
     assert len(retried) == 1 and retried[0].params == trials[running].params
 
 
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(tmp_path, fashion_dir):
-    args = search_args(tmp_path, fashion_dir, SPACE, 4)
+    args = search_args(tmp_path, fashion_dir, SPACE, 3)
     first = Child(args, tmp_path / "first.log")
     time.sleep(2)  # let the first create the study
     second = Child(args, tmp_path / "second.log")
     assert (first.wait(400), second.wait(400)) == (0, 0), first.output[-2000:] + second.output[-2000:]
     trials = study(tmp_path).trials
     finished = [t for t in trials if t.state in FINISHED]
-    assert 4 <= len(finished) <= 5  # a worker may finish the one it had started when the other reached 4
+    assert 3 <= len(finished) <= 4  # a worker may finish the one it had started when the other reached 3
     assert len({t.user_attrs["worker"] for t in finished}) == 2
     assert len({t.number for t in trials}) == len(trials)
-    # three startup trials are never pruned, so there are enough complete ones to rank the parameters
+    # three startup trials are never pruned, so there are complete ones enough to rank the parameters
     assert (tmp_path / "search" / "space" / "importances.png").stat().st_size > 0
 
 
