@@ -5,8 +5,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION := /usr/share/datasets/fashion-mnist
 HOST ?= 127.0.0.1
 PORT ?= 6006
+# one worker per core; the longest tests start first (tests/conftest.py)
+PYTEST := $(PY) -m pytest -n auto --dist worksteal
 
-.PHONY: install data fit test lint tensorboard bench clean
+.PHONY: install data fit test test-fast lint tensorboard bench clean
 
 install: $(VENV)/.installed data
 
@@ -23,10 +25,15 @@ data:
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }
 
 fit: install
-	$(PY) -m project fit --config configs/default.yaml
+	$(PY) -m project fit
 
+# the whole suite (markers: slow, gpu; gpu tests skip where torch sees no CUDA GPU)
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST) -q
+
+# the edit loop: everything but the tests marked slow (processes, signals, DDP, search trials)
+test-fast: install
+	$(PYTEST) -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
