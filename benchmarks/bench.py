@@ -269,7 +269,7 @@ def main() -> None:
         return seeds_recipe(args.data_dir, args.seeds_epochs, args.seeds_recipe, [0.91, 0.93])
 
     recipe = default_recipe()
-    dm = ImageDataModule("fashion_mnist", str(args.data_dir), batch_size=recipe["batch_size"])
+    dm = ImageDataModule("fashion_mnist", recipe["batch_size"], str(args.data_dir))
     dm.prepare_data()
     dm.setup("fit")
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))

@@ -80,3 +80,18 @@ class Fault(Callback):
             self._fire()
 
         torch.save = save_then_fire
+
+
+class FileSizeLimit(Callback):
+    """From the first training step on, no file of this process may grow past ``limit`` bytes (RLIMIT_FSIZE, with
+    SIGXFSZ ignored so that a write past it fails with EFBIG): a disk that fills up, for the checkpoints only, which
+    are larger than the event files."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import resource
+
+        signal_module.signal(signal_module.SIGXFSZ, signal_module.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.RLIM_INFINITY))

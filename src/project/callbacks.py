@@ -123,9 +123,7 @@ class TensorBoardReport(Callback):
         best = pl_module.val_acc_best.max_value.item()  # the state itself: compute() warns after a checkpoint load
         if best > float("-inf"):  # not for a test of a checkpoint that never validated
             metrics["val/acc_best"] = best
-        # at this step, where Lightning logged the test metrics: at step 0 (the default) TensorBoard's loader would
-        # take the run as restarted and drop every later point of those tags
-        trainer.logger.log_hyperparams({**pl_module.hparams, **trainer.datamodule.hparams}, metrics, step=step)
+        trainer.logger.log_hyperparams({**pl_module.hparams, **trainer.datamodule.hparams}, metrics)
 
 
 def _confusion_figure(matrix: torch.Tensor, classes: tuple[str, ...]):

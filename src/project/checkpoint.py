@@ -56,9 +56,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(directory)
             finally:
                 os.close(directory)
-        except OSError as err:
+        except (OSError, RuntimeError) as raised:
             tmp.unlink(missing_ok=True)
-            kept = f"{path} still holds the previous checkpoint" if path.exists() else "no checkpoint was written"
+            # torch.save's zip writer reports a failed write as a RuntimeError raised while handling the OSError
+            err = raised if isinstance(raised, OSError) else raised.__context__
+            if not isinstance(err, OSError):
+                raise
+            last = path.with_name("last.ckpt")
+            kept = (f"{path} still holds the previous checkpoint" if path.exists() else
+                    f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written")  # fmt: skip
             raise SaveError(f"could not write {path}: {err.strerror or err}; {kept}. Free space or fix the "
                             "directory's permissions, then resume.") from None  # fmt: skip
 
@@ -82,10 +88,13 @@ def read_checkpoint(path: str | Path) -> dict:
                 f"({reason}). If you trust its source, load it in Python with torch.load(..., weights_only=False) "
                 "and save its tensors again."
             ) from None
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # what torch.save writes is a zip archive
         size = path.stat().st_size
+        what = "it is empty" if size == 0 else "it is truncated or corrupt" if zipped else "it is not a PyTorch file"
         raise ConfigError(
-            f"{path} is not a checkpoint that can be read ({size} bytes; {reason}): it is empty, truncated or not a "
-            "PyTorch file. Use another one, such as the run's checkpoints/last.ckpt or best-*.ckpt."
+            f"{path} is not a checkpoint that can be read ({size} bytes): {what}. Use another one, such as the run's "
+            "checkpoints/last.ckpt or best-*.ckpt."
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict).")

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 
@@ -21,8 +22,25 @@ def claim(directory: Path, prefix: str) -> str:
 
 
 class TensorBoardLogger(LightningTensorBoardLogger):
-    """Lightning's TensorBoardLogger, whose next ``version_<n>`` is claimed with :func:`claim` (Lightning's lists the
-    directory and picks the next number, so two runs started together both write ``version_0``)."""
+    """Lightning's TensorBoardLogger, with two differences:
+
+    - the next ``version_<n>`` is claimed with :func:`claim` (Lightning's lists the directory and picks the next
+      number, so two runs started together both write ``version_0``);
+    - ``log_hyperparams(params, metrics)`` writes the HPARAMS record only: Lightning's also logs the metrics again as
+      scalars at step 0, after the run's last step, which TensorBoard reads as a restart and drops the points before.
+      The HPARAMS tab takes the metrics' values from the run's own scalars of the same names.
+    """
+
+    @rank_zero_only
+    def log_hyperparams(self, params, metrics=None, step=None) -> None:
+        super().log_hyperparams(params)  # keeps them for hparams.yaml
+        if metrics:
+            from torch.utils.tensorboard.summary import hparams
+
+            flat = self._sanitize_params(_flatten_dict(_convert_params(params)))
+            writer = self.experiment._get_file_writer()
+            for summary in hparams(flat, metrics):
+                writer.add_summary(summary)
 
     def _get_next_version(self) -> int:
         if rank_zero_only.rank != 0:  # only rank 0 writes; the Trainer gives every rank rank 0's directory

@@ -157,8 +157,9 @@ class ImageClassifier(LightningModule):
 def _build(net: NetFactory, in_shape: tuple[int, int, int], outputs: int) -> nn.Module:
     """The net, built and run once on two blank images, so that a net that cannot take the data, or returns the wrong
     shape, fails here with its name instead of deep inside the loss."""
-    name = getattr(net, "func", net)
-    name = f"{name.__module__}.{name.__qualname__}" if hasattr(name, "__qualname__") else repr(name)
+    # jsonargparse hands over a partial whose last positional argument is the configured class
+    cls = next((a for a in reversed(getattr(net, "args", ())) if isinstance(a, type)), net)
+    name = f"{cls.__module__}.{cls.__qualname__}" if hasattr(cls, "__qualname__") else repr(cls)
     try:
         module = net(in_shape, outputs)
     except TypeError as err:

@@ -1,0 +1,229 @@
+"""What a user can get wrong gets one paragraph and an exit code, and evaluating a run never changes it."""
+
+import gzip
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import fit_args, forked, invoke
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from project.data import DATASETS
+
+
+def run_dir(tmp_path: Path, name: str = "fashion_mnist_cnn") -> Path:
+    return tmp_path / "logs" / name / "version_0"
+
+
+def one_paragraph(result, code: int) -> str:
+    assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ")
+    return message
+
+
+@pytest.fixture
+def trained(tmp_path, fashion_dir) -> Path:
+    """A finished two-epoch run."""
+    assert invoke(fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=2")).returncode == 0
+    return run_dir(tmp_path)
+
+
+def eval_args(tmp_path: Path, fashion_dir: Path, command: str, *extra: str) -> list[str]:
+    return [command, "--ckpt_path=best", f"--data.data_dir={fashion_dir}", "--trainer.accelerator=cpu",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--trainer.enable_progress_bar=false",
+            "--trainer.limit_test_batches=2", "--trainer.limit_val_batches=2", "--trainer.limit_predict_batches=2",
+            *extra]  # fmt: skip
+
+
+def test_validate_test_and_predict_leave_the_run_as_it_was_trained(tmp_path, fashion_dir, trained):
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    for command in ("test", "validate", "predict", "test"):
+        result = invoke(eval_args(tmp_path, fashion_dir, command, "--trainer.max_epochs=7", "--data.batch_size=16"))
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert {p: p.read_bytes() for p in before} == before  # config.yaml, events, checkpoints: byte for byte
+    # each writes a directory of its own inside the run, with the config it ran
+    assert sorted(p.name for p in trained.iterdir() if p.is_dir()) == [
+        "checkpoints", "predict_0", "test_0", "test_1", "validate_0"]  # fmt: skip
+    assert (trained / "predict_0" / "predictions.csv").is_file()
+    assert "test/acc" in EventAccumulator(str(trained / "test_1")).Reload().Tags()["scalars"]
+    # and the run goes on as before: resume, and fit --config with its saved config
+    assert invoke(["resume", str(trained)]).returncode == 0
+    again = invoke([*fit_args(tmp_path, fashion_dir), f"--config={trained / 'config.yaml'}"])
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_tensorboard_has_each_metric_once_per_step(tmp_path, fashion_dir, trained):
+    events = EventAccumulator(str(trained), size_guidance={"scalars": 0}).Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in ("val/acc", "val/acc_best", "test/acc")}
+    assert steps["val/acc_best"] == steps["val/acc"] and len(steps["val/acc"]) == 2  # one point a validation
+    assert steps["test/acc"] == [8]  # once, after training's 8 steps: not again at step 0
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data.val_size=59999"], "data.batch_size=32 is more than the 1 training images that data.val_size=59999"),
+        (["--data.batch_size=100000"], "data.batch_size=100000 is more than the 55000 training images"),
+        (["--trainer.max_epochs=0"], "trainer.max_epochs=0 trains nothing"),
+        (["--trainer.max_epochs=-5"], "trainer.max_epochs=-5 trains nothing"),
+    ],
+    ids=["val-size-takes-all", "batch-larger-than-data", "zero-epochs", "negative-epochs"],
+)
+def test_a_run_that_cannot_train_stops_before_it_starts(tmp_path, fashion_dir, args, expected):
+    message = one_paragraph(invoke(fit_args(tmp_path, fashion_dir, *args)), 2)
+    assert expected in message
+    assert not list(tmp_path.glob("logs/*/*/checkpoints/*.ckpt"))
+
+
+def test_an_empty_config_file_is_named(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    assert f"{empty} is empty" in one_paragraph(invoke(["fit", f"--config={empty}"]), 2)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "(0 bytes): it is empty"),
+        (b"not a checkpoint\n", "(17 bytes): it is not a PyTorch file"),
+        (bytes(range(256)) * 8, "(2048 bytes): it is not a PyTorch file"),
+        ("truncated", "it is truncated or corrupt"),
+    ],
+    ids=["empty", "text", "random", "truncated"],
+)
+def test_a_bad_checkpoint_file_is_refused_with_one_message(tmp_path, fashion_dir, trained, content, expected):
+    bad = tmp_path / "bad.ckpt"
+    last = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    bad.write_bytes(last[: len(last) // 2] if content == "truncated" else content)
+    for command in ("test", "predict", "validate"):
+        message = one_paragraph(invoke([*eval_args(tmp_path, fashion_dir, command), f"--ckpt_path={bad}"]), 2)
+        assert message.startswith(f"error: {bad} is not a checkpoint that can be read") and expected in message
+    message = one_paragraph(invoke([*fit_args(tmp_path, fashion_dir), f"--ckpt_path={bad}"]), 2)
+    assert expected in message
+
+
+def test_best_when_the_newest_last_checkpoint_is_truncated(tmp_path, fashion_dir, trained):
+    last = trained / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    message = one_paragraph(invoke(eval_args(tmp_path, fashion_dir, "test")), 2)
+    assert f"{last} is not a checkpoint that can be read" in message
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path("/nonexistent/pwned"),))
+
+
+def test_a_checkpoint_holding_arbitrary_pickle_is_refused(tmp_path, fashion_dir, trained):
+    good = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)  # plain types only
+    assert {"rng_states", "state_dict", "callbacks", "loops"} <= set(good)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({**good, "extra": _Payload()}, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    message = one_paragraph(invoke([*eval_args(tmp_path, fashion_dir, "test"), f"--ckpt_path={evil}"]), 2)
+    assert message.startswith(f"error: {evil} holds objects other than tensors and plain types")
+    assert "weights_only=False" in message
+
+
+def test_a_checkpoint_of_other_data_is_refused(tmp_path, fashion_dir):
+    binary = fit_args(tmp_path, fashion_dir, "--data.positive_class=3", "--trainer.logger.init_args.name=binary")
+    assert invoke(binary).returncode == 0
+    last = run_dir(tmp_path, "binary") / "checkpoints" / "last.ckpt"
+    message = one_paragraph(invoke([*eval_args(tmp_path, fashion_dir, "test"), f"--ckpt_path={last}"]), 2)
+    assert "the checkpoint was trained with num_classes=2, and the config's data gives 10" in message
+
+
+class WrongShape(torch.nn.Module):
+    def __init__(self, in_shape, num_outputs):
+        super().__init__()
+        self.linear = torch.nn.Linear(784, 7)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+class WrongArguments(torch.nn.Module):
+    def __init__(self, channels: int = 3):
+        super().__init__()
+
+
+class Fails(torch.nn.Module):
+    def __init__(self, in_shape, num_outputs):
+        super().__init__()
+        self.linear = torch.nn.Linear(100, num_outputs)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize(
+    "net, expected",
+    [
+        ("WrongShape", "returns (2, 7) for 2 images of shape (1, 28, 28); expected logits of shape (2, 10)"),
+        ("WrongArguments", "cannot be built as test_bad_input.WrongArguments(in_shape=(1, 28, 28), num_outputs=10)"),
+        ("Fails", "fails on a batch of images of shape (1, 28, 28): mat1 and mat2 shapes cannot be multiplied"),
+    ],
+)
+def test_a_net_that_does_not_fit_the_data_is_named_at_setup(tmp_path, fashion_dir, net, expected):
+    message = one_paragraph(invoke(fit_args(tmp_path, fashion_dir, f"--model.net={__name__}.{net}")), 2)
+    assert f"model.net {__name__}.{net}" in message and expected in message
+
+
+def _fashion_copy(tmp_path: Path, fashion_dir: Path) -> Path:
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in DATASETS["fashion_mnist"].md5:
+        (raw / name).write_bytes((fashion_dir / "FashionMNIST" / "raw" / name).read_bytes())
+    return raw
+
+
+@pytest.mark.parametrize("content", ["truncated", "random", "empty"])
+def test_a_bad_gz_in_the_data_folder_is_named_and_the_fix_works(tmp_path, fashion_dir, content):
+    raw = _fashion_copy(tmp_path, fashion_dir)
+    images = raw / "t10k-images-idx3-ubyte"
+    gz = raw / "t10k-images-idx3-ubyte.gz"
+    whole = gzip.compress(images.read_bytes(), compresslevel=1)
+    gz.write_bytes({"truncated": whole[:5000], "random": bytes(range(256)) * 40, "empty": b""}[content])
+    images.unlink()
+    args = fit_args(tmp_path, tmp_path / "data", "--data.download=false")
+    message = one_paragraph(invoke(args), 1)
+    assert f"{gz} is not a complete gzip file" in message and "Delete it and run again" in message
+    assert not list(raw.glob(".*.tmp"))  # nothing half-written left behind
+    gz.unlink()  # as the message says: then the Debian copy is used
+    assert invoke(args).returncode == 0
+
+
+def test_a_corrupt_file_names_its_gz_too(tmp_path, fashion_dir):
+    raw = _fashion_copy(tmp_path, fashion_dir)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels.read_bytes()[:-10]))
+    labels.write_bytes(labels.read_bytes()[:-10])
+    message = one_paragraph(invoke(fit_args(tmp_path, tmp_path / "data", "--data.download=false")), 1)
+    assert f"Delete it (and {labels}.gz, which it came from) and run again" in message
+
+
+def test_a_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "data").write_text("")
+    message = one_paragraph(invoke(fit_args(tmp_path, tmp_path / "data")), 1)
+    assert f"data.data_dir {tmp_path / 'data'} is a file, not a directory" in message
+
+
+def test_a_logs_path_that_is_a_file(tmp_path, fashion_dir):
+    (tmp_path / "logs").write_text("")
+    message = one_paragraph(invoke(fit_args(tmp_path, fashion_dir)), 1)
+    assert "Not a directory" in message and "trainer.logger.init_args.save_dir" in message
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_keeps_the_last_good_checkpoint(tmp_path, fashion_dir):
+    limit = json.dumps({"class_path": "helpers.FileSizeLimit", "init_args": {"limit": 200_000}})
+    result = forked(fit_args(tmp_path, fashion_dir, f"--trainer.callbacks+={limit}"), tmp_path / "run.log")
+    checkpoints = run_dir(tmp_path) / "checkpoints"
+    assert result.returncode == 1 and "Traceback" not in result.stdout, result.stdout[-3000:]
+    assert f"error: could not write {checkpoints}/best-epoch000.ckpt: File too large" in result.stdout
+    assert f"the last good checkpoint is {checkpoints / 'last.ckpt'}" in result.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]  # no temporary file left
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 0  # the one written at start
