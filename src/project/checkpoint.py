@@ -63,8 +63,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if not isinstance(err, OSError):
                 raise
             last = path.with_name("last.ckpt")
-            kept = (f"{path} still holds the previous checkpoint" if path.exists() else
-                    f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written")  # fmt: skip
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
+            if path.exists():
+                kept = f"{path} still holds the previous checkpoint"
             raise SaveError(f"could not write {path}: {err.strerror or err}; {kept}. Free space or fix the "
                             "directory's permissions, then resume.") from None  # fmt: skip
 
