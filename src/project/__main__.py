@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         importlib.import_module(COMMANDS[command][0]).main(argv)
     except ProjectError as err:
-        print(f"{err.label}{err}", file=sys.stderr)
+        if str(err):  # empty from the processes of a DDP run other than the first, which has said it
+            print(f"{err.label}{err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except OSError as err:  # the environment: a directory that is read-only or a file, a full disk
         where = f" {err.filename}" if err.filename else ""

@@ -310,6 +310,8 @@ class SafeModelCheckpoint(ModelCheckpoint):
                               "again.")  # fmt: skip
         if save and not trainer.fast_dev_run:
             self._write_last(trainer)
+        if not trainer.is_global_zero:  # the other processes of a DDP run stop with it, silently
+            raise Interrupted(signum, "")
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         saved = f"saved {self._last_path}" if self.dirpath and not trainer.fast_dev_run else "nothing to save"
         resume = f" Resume with: python -m project resume {run}" if run else ""
