@@ -161,7 +161,7 @@ def paired_fit(data_dir: Path, epochs: int, workdir: Path, hand_written: HandWri
             f"--trainer.max_epochs={epochs}",
             "--trainer.limit_val_batches=1",
         ],
-        run=False,
+        command="bench",
     )
     clock = PairedEpochs(hand_written)
     cli.trainer.callbacks.append(clock)

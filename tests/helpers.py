@@ -1,13 +1,16 @@
 """Callbacks for tests that look inside child processes (importable there with tests/ on PYTHONPATH)."""
 
+import itertools
 import json
 import os
 import signal as signal_module
 import time
+import traceback
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
+from torch.overrides import TorchFunctionMode
 
 
 class DumpMetrics(Callback):
@@ -95,3 +98,45 @@ class FileSizeLimit(Callback):
 
         signal_module.signal(signal_module.SIGXFSZ, signal_module.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.RLIM_INFINITY))
+
+
+# what reads a tensor's values back to the host (on a GPU, each waits for every queued kernel): the conversions to
+# Python, and the ops whose output's size depends on the values
+READS = frozenset(
+    {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+     torch.Tensor.__index__, torch.Tensor.numpy, torch.unique, torch.Tensor.unique, torch.unique_consecutive,
+     torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.masked_select, torch.Tensor.masked_select}
+)  # fmt: skip
+
+
+class CountReads(Callback):
+    """Counts the reads of tensor values (:data:`READS`) of each training step, from one batch's start to the next
+    (fetching, the step, every hook, the progress bar), and writes them to ``path`` as ``{"steps": [...], "sample":
+    [where the reads of the second step were]}``."""
+
+    class Mode(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.reads: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in READS:
+                outside = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+                self.reads.append(f"{func.__name__} at {outside[-1].filename}:{outside[-1].lineno}")
+            return func(*args, **(kwargs or {}))
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.mode, self.starts = self.Mode(), []
+        self.mode.__enter__()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.starts.append(len(self.mode.reads))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.mode.__exit__(None, None, None)
+        steps = [b - a for a, b in itertools.pairwise(self.starts)]
+        sample = self.mode.reads[self.starts[1] : self.starts[2]] if len(self.starts) > 2 else []
+        self.path.write_text(json.dumps({"steps": steps, "sample": sample}))

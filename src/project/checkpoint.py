@@ -229,8 +229,8 @@ class SafeModelCheckpoint(ModelCheckpoint):
             self._save_last_even_without_a_new_best(trainer)
         # a stop waits for the checkpoint that ends the epoch, written here or at the end of the training epoch
         at_epoch_end = not trainer.sanity_checking and self._should_save_on_train_epoch_end(trainer)
-        if trainer.state.fn == "fit" and not at_epoch_end and self._asked_to_stop(trainer):
-            self._stop(trainer, save=not trainer.sanity_checking)
+        if (trainer.state.fn != "fit" or not at_epoch_end) and self._asked_to_stop(trainer):
+            self._stop(trainer, save=trainer.state.fn == "fit" and not trainer.sanity_checking)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -287,6 +287,14 @@ class SafeModelCheckpoint(ModelCheckpoint):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._asked_to_stop(trainer, at_log_step=False):
+            self._stop(trainer, save=False)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._asked_to_stop(trainer):  # under DDP, where the batches above do not ask
+            self._stop(trainer, save=False)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._asked_to_stop(trainer):
             self._stop(trainer, save=False)
 
     def _asked_to_stop(self, trainer: Trainer, at_log_step: bool | None = None) -> bool:

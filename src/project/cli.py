@@ -115,7 +115,7 @@ class CLI(LightningCLI):
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
         if config.get("ckpt_path"):
             path = resolve_checkpoint(config.ckpt_path, root)
-            self.checkpoint = read_checkpoint(path)
+            self.checkpoint_hparams = read_checkpoint(path).get("hyper_parameters", {})
             config.ckpt_path = str(path)
             # a checkpoint of a run under logs/ belongs to that run: fit continues its directory and TensorBoard run
             if root is not None and path.parent.name == "checkpoints" and path.parents[2].resolve() == root.resolve():
@@ -124,18 +124,6 @@ class CLI(LightningCLI):
         if command != "fit" and root is not None and logger.init_args.version and not logger.init_args.sub_dir:
             first = rank_zero_only.rank == 0  # the other processes of a DDP run write nothing
             logger.init_args.sub_dir = claim(root / logger.init_args.version, command) if first else command
-
-    def after_instantiate_classes(self) -> None:
-        """A checkpoint trained on other data (image shape, number of classes) than the config's cannot be loaded."""
-        hparams = getattr(self, "checkpoint", {}).get("hyper_parameters", {})
-        data = self.datamodule
-        for key, ours in (("in_shape", tuple(data.shape)), ("num_classes", data.num_classes)):
-            theirs = hparams.get(key)
-            if theirs is not None and (tuple(theirs) if isinstance(theirs, list | tuple) else theirs) != ours:
-                raise ConfigError(
-                    f"the checkpoint was trained with {key}={theirs}, and the config's data gives {ours}: use the "
-                    "config of the run that wrote it (--config <run>/config.yaml), or a checkpoint of this data."
-                )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -152,6 +140,18 @@ class CLI(LightningCLI):
             if config.trainer[flag] is False:
                 callbacks = config.trainer.callbacks or []
                 config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith(kind)]
+
+    def after_instantiate_classes(self) -> None:
+        """A checkpoint trained on other data (image shape, number of classes) than the config's cannot be loaded."""
+        hparams = getattr(self, "checkpoint_hparams", {})
+        data = self.datamodule
+        for key, ours in (("in_shape", tuple(data.shape)), ("num_classes", data.num_classes)):
+            theirs = hparams.get(key)
+            if theirs is not None and (tuple(theirs) if isinstance(theirs, list | tuple) else theirs) != ours:
+                raise ConfigError(
+                    f"the checkpoint was trained with {key}={theirs}, and the config's data gives {ours}: use the "
+                    "config of the run that wrote it (--config <run>/config.yaml), or a checkpoint of this data."
+                )
 
     def instantiate_trainer(self, **kwargs):
         try:

@@ -1,6 +1,6 @@
 """``python -m project search``: hyperparameter search with Optuna over any config key; every trial is a normal run.
 
-    python -m project search --config configs/default.yaml --space configs/search/fashion_mnist.yaml --trials 20
+    python -m project search --space configs/search/fashion_mnist.yaml --trials 20
     python -m project search ... --sampler grid                        # every combination of the space's choices
     python -m project search ... --storage postgresql://user@host/db   # many workers on many machines
 
@@ -12,8 +12,11 @@ its monitored metric after every epoch; Optuna's median pruner stops those that 
 ``best.yaml`` (train it with ``python -m project fit --config best.yaml``), ``trials.md``/``trials.csv``,
 ``history.png`` and ``importances.png``.
 
-Arguments after ``--`` go to every trial's ``fit`` only (a smaller budget, for instance ``-- --trainer.max_epochs=3``);
-``best.yaml`` keeps the base config's budget with the best trial's values.
+Arguments after ``--`` go to every trial's ``fit`` only (a smaller budget, for instance ``-- --trainer.max_epochs=3``),
+and may not set a key the space searches; ``best.yaml`` keeps the base config's budget with the best trial's values.
+A trial trains the chosen config files first, then the sampled keys, so a file never overrides a sampled value. Every
+value of the space is parsed before the first trial (a misspelt key stops the search at once); a trial that cannot
+start (exit 2), or three failing in a row, stop it with the reason.
 
 The space is YAML, one entry per config key (or ``configs`` to choose between whole config files):
 

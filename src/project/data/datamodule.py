@@ -209,6 +209,8 @@ class ImageDataModule(LightningDataModule):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``uint8`` images to floats with the dataset's mean 0 and std 1 per channel."""
-        mean = torch.tensor(self.info.mean, device=x.device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.info.std, device=x.device).view(1, -1, 1, 1) * 255
+        if getattr(self, "_stats", (None,))[0] != x.device:  # copied to the device once, not every batch
+            stats = torch.tensor([self.info.mean, self.info.std], device=x.device) * 255
+            self._stats = (x.device, *stats.view(2, 1, -1, 1, 1))
+        _, mean, std = self._stats
         return (x.float() - mean) / std
