@@ -3,6 +3,7 @@
 import gzip
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,17 @@ def one_paragraph(result, code: int) -> str:
     return message
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory, fashion_dir) -> Path:
+    tmp = tmp_path_factory.mktemp("trained")
+    assert invoke(fit_args(tmp, fashion_dir, "--trainer.max_epochs=2")).returncode == 0
+    return tmp / "logs"
+
+
 @pytest.fixture
-def trained(tmp_path, fashion_dir) -> Path:
-    """A finished two-epoch run."""
-    assert invoke(fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=2")).returncode == 0
+def trained(tmp_path, trained_once) -> Path:
+    """A finished two-epoch run, a copy of its own in this test's logs/."""
+    shutil.copytree(trained_once, tmp_path / "logs")
     return run_dir(tmp_path)
 
 
@@ -39,6 +47,7 @@ def eval_args(tmp_path: Path, fashion_dir: Path, command: str, *extra: str) -> l
             *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_validate_test_and_predict_leave_the_run_as_it_was_trained(tmp_path, fashion_dir, trained):
     before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
     for command in ("test", "validate", "predict", "test"):
@@ -227,3 +236,14 @@ def test_a_full_disk_during_a_save_keeps_the_last_good_checkpoint(tmp_path, fash
     assert f"the last good checkpoint is {checkpoints / 'last.ckpt'}" in result.stdout
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]  # no temporary file left
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 0  # the one written at start
+
+
+def test_a_moved_run_resumes_where_it_now_is(tmp_path, trained, trained_once):
+    original = {p.name for p in (trained_once / "fashion_mnist_cnn" / "version_0").iterdir()}
+    moved = tmp_path / "elsewhere" / "version_0"
+    moved.parent.mkdir()
+    trained.rename(moved)  # its config.yaml still names the directory it was trained in
+    result = invoke(["resume", str(moved)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list(moved.glob("events.out.tfevents.*"))) > len(list(trained_once.glob("*/version_0/events.*")))
+    assert {p.name for p in (trained_once / "fashion_mnist_cnn" / "version_0").iterdir()} == original

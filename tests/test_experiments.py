@@ -1,6 +1,7 @@
 """compare, lr-plot, and what a TensorBoard server shows of a run."""
 
 import csv
+import functools
 import json
 import subprocess
 import sys
@@ -15,8 +16,13 @@ from project.lr_plot import schedule
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def lr_at(config: str, epoch: float, *extra: str) -> float:
-    x, lr = schedule([f"--config={ROOT / config}", *extra])
+@functools.cache
+def curve(config: str) -> tuple[list[float], list[float]]:
+    return schedule([f"--config={ROOT / config}"])
+
+
+def lr_at(config: str, epoch: float) -> float:
+    x, lr = curve(config)
     return lr[min(range(len(x)), key=lambda i: abs(x[i] - epoch))]
 
 
@@ -28,7 +34,7 @@ def test_lr_schedules_without_training():
     assert lr_at("configs/schedulers/multistep.yaml", 5.5) == pytest.approx(base / 10)
     restarts = "configs/schedulers/cosine_warm_restarts.yaml"
     assert lr_at(restarts, 1.0) < base and lr_at(restarts, 2.0) == pytest.approx(base)  # T_0 = 2: a restart
-    x, lr = schedule([f"--config={ROOT / 'configs/schedulers/onecycle.yaml'}"])
+    x, lr = curve("configs/schedulers/onecycle.yaml")
     assert len(lr) == 10 * (55000 // 128)  # one point per optimizer step of the default's 10 epochs
     assert max(lr) == pytest.approx(0.01, rel=1e-3) and x[lr.index(max(lr))] == pytest.approx(10 * 0.3, abs=0.05)
     assert lr[-1] < 1e-5

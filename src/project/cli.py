@@ -171,7 +171,10 @@ class CLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Test the best checkpoint (not the last weights), unless fit was a dry run that saved none."""
-        best = self.trainer.checkpoint_callback.best_model_path
+        checkpoints = self.trainer.checkpoint_callback
+        best = checkpoints.best_model_path
+        if best and checkpoints.dirpath:  # by name, in this run: a resumed run's directory may have moved
+            best = str(Path(checkpoints.dirpath) / Path(best).name)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
@@ -213,7 +216,10 @@ def _resume_args(argv: list[str]) -> list[str]:
     for needed in (config, last):
         if not needed.is_file():
             raise ConfigError(f"resume {run}: {needed} does not exist; give a run directory under logs/.")
-    return ["fit", "--config", str(config), "--ckpt_path", str(last), *argv[1:]]
+    # the run's own directory, wherever it has been moved since its config was written
+    logger = "--trainer.logger.init_args"
+    here = [f"{logger}.save_dir={run.parent.parent}", f"{logger}.name={run.parent.name}"]
+    return ["fit", "--config", str(config), *here, "--ckpt_path", str(last), *argv[1:]]
 
 
 def _check_config_files(argv: list[str]) -> None:
