@@ -55,3 +55,28 @@ class TestAccuracyClock(Callback):
         )
         with open(self.out, "w") as f:
             json.dump(self.points, f)
+
+
+IMPORTED = time.time()  # jsonargparse imports this module while it parses the config: torch and Lightning are in
+
+
+class LaunchClock(Callback):
+    """Wall-clock times at which a run reaches each phase before its first training step, written to ``path``."""
+
+    def __init__(self, path: str):
+        self.path, self.stamps = path, {"imports": IMPORTED, "config parsed, objects built": time.time()}
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.stamps["data checked and loaded"] = time.time()
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self.stamps["fit start (summary, graph, checkpoint)"] = time.time()
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        self.stamps["sanity check"] = time.time()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.stamps["first step"] = time.time()
+            with open(self.path, "w") as f:
+                json.dump(self.stamps, f)

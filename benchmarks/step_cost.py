@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from project.data import ImageDataModule  # noqa: E402
 
 BATCH, STEPS, SKIP = 64, 400, 50
+EXTRA: list[str] = []
 
 
 class StepClock(Callback):
@@ -90,7 +91,7 @@ def template(data_dir: str, workdir: str) -> float:
                     "--config=configs/optimizers/sgd.yaml", "--model.optimizer.init_args.lr=0.01",
                     f"--data.batch_size={BATCH}", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
                     f"--trainer.limit_train_batches={STEPS}", "--trainer.limit_val_batches=1",
-                    "--trainer.limit_test_batches=1"], command="step_cost")  # fmt: skip
+                    "--trainer.limit_test_batches=1", *EXTRA], command="step_cost")  # fmt: skip
     cli.trainer.callbacks.append(clock)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return clock.per_step

@@ -140,3 +140,21 @@ class CountReads(Callback):
         steps = [b - a for a, b in itertools.pairwise(self.starts)]
         sample = self.mode.reads[self.starts[1] : self.starts[2]] if len(self.starts) > 2 else []
         self.path.write_text(json.dumps({"steps": steps, "sample": sample}))
+
+
+class NoSyncBetweenSteps(Callback):
+    """CUDA's sync debug mode set to raise from the start of the second training step to the start of the last one
+    (fetching, the step, every hook), which a run must have with ``log_every_n_steps`` above its step count."""
+
+    def __init__(self, log_every_n_steps: int):
+        self.log_every_n_steps = log_every_n_steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        assert trainer.log_every_n_steps == self.log_every_n_steps > trainer.num_training_batches
+        torch.cuda.set_sync_debug_mode("error" if 1 <= batch_idx < trainer.num_training_batches - 1 else 0)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        torch.cuda.set_sync_debug_mode(0)

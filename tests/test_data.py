@@ -134,7 +134,9 @@ def test_missing_data_without_network_names_directory_files_and_remedies(tmp_pat
     # every proxy pointing at a closed port: the download really runs and fails
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
-    result = invoke(["fit", "--data.dataset=mnist", f"--data.data_dir={tmp_path}", "--model.net=project.models.MLP"])
+    logs = tmp_path / "logs"
+    result = invoke(["fit", "--data.dataset=mnist", f"--data.data_dir={tmp_path}", "--model.net=project.models.MLP",
+                     f"--trainer.logger.init_args.save_dir={logs}"])  # fmt: skip
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: MNIST is not in ")
@@ -148,6 +150,7 @@ def test_missing_data_without_network_names_directory_files_and_remedies(tmp_pat
     ):
         assert part in message
     assert "Traceback" not in result.stderr
+    assert not list(logs.glob("*/*"))  # a run that failed before writing anything leaves no empty directory
 
 
 def test_missing_data_with_download_off(tmp_path):

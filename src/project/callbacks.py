@@ -70,7 +70,8 @@ class TensorBoardReport(Callback):
         return logger.experiment if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero else None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (writer := self._writer(trainer)) is None:
+        resumed = trainer.ckpt_path and Path(trainer.ckpt_path).parents[1] == Path(trainer.log_dir)
+        if (writer := self._writer(trainer)) is None or resumed:  # a resumed run has its report already
             return
         summary = ModelSummary(pl_module, max_depth=-1)
         rows = [

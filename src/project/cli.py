@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from project.callbacks import CSVPredictionWriter, TensorBoardReport
 from project.checkpoint import SafeModelCheckpoint, StopSignals, read_checkpoint
 from project.data import ImageDataModule
+from project.data.datamodule import task
 from project.errors import ConfigError
 from project.logger import claim
 from project.module import ImageClassifier
@@ -32,8 +33,10 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # A config that switches a class (another net, optimizer or scheduler) drops the earlier class's arguments that the
 # new one does not take: that is what stacking means here, not news.
 warnings.filterwarnings("ignore", "Due to class_path change")
-# a resumed run writes into its own checkpoint directory again, as it should
+# a resumed run writes into its own checkpoint directory again, as it should; and a run resumed in the middle of an
+# epoch trains the rest of it from the start of that epoch's order, as the README says
 warnings.filterwarnings("ignore", ".*exists and is not empty")
+warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
 # Lightning 2.6 builds torch pytrees the way torch 2.14 deprecates; nothing a user of the template can change.
 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
@@ -115,7 +118,7 @@ class CLI(LightningCLI):
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
         if config.get("ckpt_path"):
             path = resolve_checkpoint(config.ckpt_path, root)
-            self.checkpoint_hparams = read_checkpoint(path).get("hyper_parameters", {})
+            _check_same_task(read_checkpoint(path).get("hyper_parameters", {}), config.data)
             config.ckpt_path = str(path)
             # a checkpoint of a run under logs/ belongs to that run: fit continues its directory and TensorBoard run
             if root is not None and path.parent.name == "checkpoints" and path.parents[2].resolve() == root.resolve():
@@ -141,18 +144,6 @@ class CLI(LightningCLI):
                 callbacks = config.trainer.callbacks or []
                 config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith(kind)]
 
-    def after_instantiate_classes(self) -> None:
-        """A checkpoint trained on other data (image shape, number of classes) than the config's cannot be loaded."""
-        hparams = getattr(self, "checkpoint_hparams", {})
-        data = self.datamodule
-        for key, ours in (("in_shape", tuple(data.shape)), ("num_classes", data.num_classes)):
-            theirs = hparams.get(key)
-            if theirs is not None and (tuple(theirs) if isinstance(theirs, list | tuple) else theirs) != ours:
-                raise ConfigError(
-                    f"the checkpoint was trained with {key}={theirs}, and the config's data gives {ours}: use the "
-                    "config of the run that wrote it (--config <run>/config.yaml), or a checkpoint of this data."
-                )
-
     def instantiate_trainer(self, **kwargs):
         try:
             return super().instantiate_trainer(**kwargs)
@@ -176,6 +167,18 @@ class CLI(LightningCLI):
         if best and checkpoints.dirpath:  # by name, in this run: a resumed run's directory may have moved
             best = str(Path(checkpoints.dirpath) / Path(best).name)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+def _check_same_task(hparams: dict, data) -> None:
+    """A checkpoint trained on other data (image shape, number of classes) than the config's cannot be loaded."""
+    shape, num_classes = task(data.dataset, data.positive_class)
+    for key, ours in (("in_shape", shape), ("num_classes", num_classes)):
+        theirs = hparams.get(key)
+        if theirs is not None and (tuple(theirs) if isinstance(theirs, list | tuple) else theirs) != ours:
+            raise ConfigError(
+                f"the checkpoint was trained with {key}={theirs}, and the config's data gives {ours}: use the "
+                "config of the run that wrote it (--config <run>/config.yaml), or a checkpoint of this data."
+            )
 
 
 def _is_tensorboard(logger) -> bool:

@@ -1,5 +1,6 @@
 """Run directories that two processes started at the same moment can never share."""
 
+import contextlib
 from pathlib import Path
 
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
@@ -26,10 +27,20 @@ class TensorBoardLogger(LightningTensorBoardLogger):
 
     - the next ``version_<n>`` is claimed with :func:`claim` (Lightning's lists the directory and picks the next
       number, so two runs started together both write ``version_0``);
+    - a run that fails before it has written anything leaves no empty directory behind;
     - ``log_hyperparams(params, metrics)`` writes the HPARAMS record only: Lightning's also logs the metrics again as
       scalars at step 0, after the run's last step, which TensorBoard reads as a restart and drops the points before.
       The HPARAMS tab takes the metrics' values from the run's own scalars of the same names.
     """
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if status == "failed" and self._version is not None:  # a run that failed before it wrote anything
+            version = self._version if isinstance(self._version, str) else f"version_{self._version}"
+            for directory in (Path(self.log_dir), Path(self.root_dir) / version):
+                with contextlib.suppress(OSError):  # only an empty directory is removed
+                    directory.rmdir()
 
     @rank_zero_only
     def log_hyperparams(self, params, metrics=None, step=None) -> None:

@@ -52,8 +52,10 @@ class ImageClassifier(LightningModule):
         # checked the labels once
         task = {"task": "binary"} if self.binary else {"task": "multiclass", "num_classes": num_classes}
         task["validate_args"] = False
-        # training accuracy as a running count on the device: a torchmetrics update costs as much as a small net's
-        # step, and its binary one reads the scores back on the CPU
+        # the training loss and accuracy of the epoch as running sums on the device: a torchmetrics update, or a
+        # self.log(on_epoch=True), costs as much as a small net's step (and torchmetrics' binary update reads the
+        # scores back on the CPU)
+        self.register_buffer("train_loss_sum", torch.zeros(()), persistent=False)
         self.register_buffer("train_hits", torch.zeros((), dtype=torch.long), persistent=False)
         self.train_seen = 0
         scores = {"acc": Accuracy(**task), "f1": F1Score(**task, average="macro")}
@@ -68,7 +70,7 @@ class ImageClassifier(LightningModule):
     @property
     def metric_names(self) -> set[str]:
         """Every name this module logs; callbacks may only monitor these."""
-        names = {"train/loss", "train/acc", "val/loss", "val/acc_best", "test/loss"}
+        names = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc_best", "test/loss"}
         return names | set(self.val_metrics.keys()) | set(self.test_metrics.keys())
 
     def on_train_start(self) -> None:
@@ -96,15 +98,20 @@ class ImageClassifier(LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, scores, y = self._step(batch)
+        self.train_loss_sum += loss.detach() * len(y)
         self.train_hits += (self._predictions(scores) == y).sum()
         self.train_seen += len(y)
-        # no step metric on the progress bar: the bar reads it back (a GPU sync) after every batch
-        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        # logged only where the logger writes it (as Lightning's LearningRateMonitor decides): self.log costs about as
+        # much as the step of a small net; and not on the progress bar, which would read it back (a GPU sync) each step
+        if self.trainer._logger_connector.should_update_logs:
+            self.log("train/loss_step", loss)
         return loss
 
     def on_train_epoch_end(self) -> None:
         if self.train_seen:  # this process's images; the processes of a DDP run average theirs
+            self.log("train/loss_epoch", self.train_loss_sum / self.train_seen, sync_dist=True)
             self.log("train/acc", self.train_hits / self.train_seen, prog_bar=True, sync_dist=True)
+        self.train_loss_sum.zero_()
         self.train_hits.zero_()
         self.train_seen = 0
 

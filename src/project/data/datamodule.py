@@ -26,7 +26,8 @@ class _Tensors(Dataset):
         return self.x[i], self.y[i]
 
     def __getitems__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices)
+        # to the data's device without waiting (data.on_device): a blocking copy would drain the GPU's queue each step
+        idx = torch.as_tensor(indices).to(self.y.device, non_blocking=True)
         return self.x[idx], self.y[idx]
 
 
@@ -57,6 +58,12 @@ class _EpochShuffle(RandomSampler):
         yield from torch.randperm(
             len(self.data_source), generator=torch.Generator().manual_seed(self.seed + self.epoch)
         ).tolist()
+
+
+def task(dataset: str, positive_class: int | None) -> tuple[tuple[int, int, int], int]:
+    """The image shape and the number of classes of a dataset, known without reading it."""
+    info = registry.DATASETS[dataset]
+    return info.shape, 2 if positive_class is not None else len(info.classes)
 
 
 def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +128,7 @@ class ImageDataModule(LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        return 2 if self.hparams.positive_class is not None else len(self.info.classes)
+        return task(self.hparams.dataset, self.hparams.positive_class)[1]
 
     @property
     def classes(self) -> tuple[str, ...]:
