@@ -98,8 +98,9 @@ class ImageClassifier(LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, scores, y = self._step(batch)
-        self.train_loss_sum += loss.detach() * len(y)
-        self.train_hits += (self._predictions(scores) == y).sum()
+        with torch.no_grad():
+            self.train_loss_sum += loss * len(y)
+            self.train_hits += self._predictions(scores).eq(y).sum()
         self.train_seen += len(y)
         # logged only where the logger writes it (as Lightning's LearningRateMonitor decides): self.log costs about as
         # much as the step of a small net; and not on the progress bar, which would read it back (a GPU sync) each step
