@@ -20,8 +20,9 @@ class ImageClassifier(LightningModule):
 
     ``net`` is built here from the data's ``in_shape`` and ``num_classes`` (both linked from the data
     module by the CLI). With ``num_classes == 2`` the task is binary: the net has one output and the loss
-    is ``BCEWithLogits``; otherwise ``CrossEntropy`` over ``num_classes`` logits. Logs ``{train,val,test}/
-    {loss,acc}``, ``val/acc_best``, and F1 (and top-5 accuracy with more than 5 classes) for val and test.
+    is ``BCEWithLogits``; otherwise ``CrossEntropy`` over ``num_classes`` logits. Logs ``train/loss_step`` (at
+    logging steps), ``train/{loss_epoch,acc}``, ``{val,test}/{loss,acc}``, ``val/acc_best``, and F1 (and top-5
+    accuracy with more than 5 classes) for val and test.
     ``channels_last`` and ``compile`` (``torch.compile``) are speed options for GPUs; precision is a Trainer flag.
     Arguments without a default here take theirs from ``configs/default.yaml``.
     """
