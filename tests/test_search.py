@@ -24,7 +24,9 @@ def search_args(tmp_path: Path, fashion_dir: Path, space: str, trials: int, *opt
 
 
 def study(tmp_path: Path) -> optuna.Study:
-    return optuna.load_study(study_name="space", storage=f"sqlite:///{tmp_path / 'search' / 'space' / 'study.db'}")
+    """The study, read only: creating its tables here would race the search that creates them."""
+    url = f"sqlite:///{tmp_path / 'search' / 'space' / 'study.db'}"
+    return optuna.load_study(study_name="space", storage=optuna.storages.RDBStorage(url, skip_table_creation=True))
 
 
 GRID = """\
@@ -121,9 +123,8 @@ def test_kill_9_loses_only_the_running_trial_and_the_same_command_continues(tmp_
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(tmp_path, fashion_dir):
     args = search_args(tmp_path, fashion_dir, SPACE, 3)
-    first = Child(args, tmp_path / "first.log")
-    time.sleep(2)  # let the first create the study
-    second = Child(args, tmp_path / "second.log")
+    # started together: both create the new study's storage at the same moment
+    first, second = Child(args, tmp_path / "first.log"), Child(args, tmp_path / "second.log")
     assert (first.wait(400), second.wait(400)) == (0, 0), first.output[-2000:] + second.output[-2000:]
     trials = study(tmp_path).trials
     finished = [t for t in trials if t.state in FINISHED]

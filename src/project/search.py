@@ -30,9 +30,11 @@ import argparse
 import contextlib
 import csv
 import ctypes
+import functools
 import io
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -84,14 +86,23 @@ class OptunaReport(Callback):
 
 def storage(url: str, heartbeat: int = 10) -> optuna.storages.RDBStorage:
     """The study's storage: heartbeats let a restarted search fail (and retry) the trial a killed one left running."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # two workers on one SQLite file
-    return optuna.storages.RDBStorage(
+    open_storage = functools.partial(
+        optuna.storages.RDBStorage,
         url,
         engine_kwargs=kwargs,
         heartbeat_interval=heartbeat,
         grace_period=3 * heartbeat,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
+    for _ in range(4):
+        try:
+            return open_storage()
+        except (IntegrityError, OperationalError):  # workers started together both create the new storage's tables
+            time.sleep(0.2 + random.random())
+    return open_storage()
 
 
 def load_space(path: Path) -> dict[str, dict]:
