@@ -19,7 +19,7 @@ def setup(dm: ImageDataModule, *stages: str) -> ImageDataModule:
 
 
 def test_config_names_every_registered_dataset():
-    assert set(typing.get_args(DatasetName)) == set(DATASETS)
+    assert set(typing.get_args(DatasetName)) == {*DATASETS, "folder"}
 
 
 def test_fashion_mnist_split_and_test_set(fashion_dir):

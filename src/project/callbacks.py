@@ -14,36 +14,45 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 
 class CSVPredictionWriter(BasePredictionWriter):
-    """After ``predict``, writes ``predictions.csv`` in the run directory: one row per test image with its
-    index in the test set, true class, predicted class (number and name) and that class's probability.
-    Under DDP the ranks' rows are gathered and rank 0 writes them once, in test-set order."""
+    """After ``predict``, writes ``predictions.csv`` in the run directory: one row per image, the test set's by
+    ``index`` with its true class (``target``), or ``data.predict_files``' by ``file``; then the ``top_k`` most probable
+    classes, best first: ``prediction`` (number), ``class_name``, ``probability``, then ``class_2``,
+    ``probability_2``, ... Under DDP the ranks' rows are gathered and rank 0 writes them once, in input order."""
 
-    def __init__(self, filename: str = "predictions.csv"):
+    def __init__(self, top_k: int, filename: str = "predictions.csv"):
         super().__init__(write_interval="epoch")
-        self.filename = filename
+        self.top_k, self.filename = top_k, filename
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
-        columns = {key: torch.cat([p[key] for p in predictions]) for key in ("target", "prediction", "probability")}
+        columns = {key: torch.cat([p[key] for p in predictions]) for key in ("target", "probabilities")}
         columns["index"] = torch.tensor([i for batch in batch_indices[0] for i in batch], device=pl_module.device)
         # DistributedSampler pads the ranks to equal length, so gathering then dropping repeats is exact
-        columns = {key: pl_module.all_gather(value).reshape(-1).cpu() for key, value in columns.items()}
+        columns = {key: pl_module.all_gather(value).flatten(0, -value.ndim).cpu() for key, value in columns.items()}
         if not trainer.is_global_zero:
             return
         order = columns["index"].argsort()
         keep = torch.ones_like(order, dtype=torch.bool)
         keep[1:] = columns["index"][order][1:] != columns["index"][order][:-1]
-        rows = {key: value[order][keep].tolist() for key, value in columns.items()}
-        classes = trainer.datamodule.classes
+        index, target, probabilities = (columns[k][order][keep] for k in ("index", "target", "probabilities"))
+        k = min(self.top_k, probabilities.shape[1])
+        top_p, top_i = probabilities.topk(k, dim=1)
+        datamodule = trainer.datamodule
+        files = datamodule.predict_paths
+        classes = datamodule.classes
+        header = ["file"] if files else ["index", "target"]
+        header += ["prediction", "class_name", "probability"]
+        header += [f"{name}_{rank}" for rank in range(2, k + 1) for name in ("class", "probability")]
         path = Path(trainer.log_dir or ".") / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "target", "prediction", "class_name", "probability"])
-            for i, target, pred, prob in zip(
-                rows["index"], rows["target"], rows["prediction"], rows["probability"], strict=True
-            ):
-                writer.writerow([i, target, pred, classes[pred], f"{prob:.6f}"])
-        print(f"Wrote {len(rows['index'])} predictions to {path}")
+            writer.writerow(header)
+            for i, y, ps, cs in zip(index.tolist(), target.tolist(), top_p.tolist(), top_i.tolist(), strict=True):
+                row = [files[i]] if files else [i, y]
+                row += [cs[0], classes[cs[0]], f"{ps[0]:.6f}"]
+                row += [value for c, p in zip(cs[1:], ps[1:], strict=True) for value in (classes[c], f"{p:.6f}")]
+                writer.writerow(row)
+        print(f"Wrote {len(index)} predictions to {path}")
 
 
 class ProgressBar(RichProgressBar):

@@ -89,7 +89,7 @@ class CLI(LightningCLI):
             args=args,
             run=command is None,
             # always there, whatever a config's trainer.callbacks says
-            trainer_defaults={"callbacks": [CSVPredictionWriter(), TensorBoardReport()]},
+            trainer_defaults={"callbacks": [TensorBoardReport()]},
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
             parser_kwargs=parser_kwargs,
             auto_configure_optimizers=False,
@@ -99,6 +99,7 @@ class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SafeModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(CSVPredictionWriter, "predictions")
         parser.link_arguments("data.shape", "model.in_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
@@ -171,7 +172,7 @@ class CLI(LightningCLI):
 
 def _check_same_task(hparams: dict, data) -> None:
     """A checkpoint trained on other data (image shape, number of classes) than the config's cannot be loaded."""
-    shape, num_classes = task(data.dataset, data.positive_class)
+    shape, num_classes = task(data.dataset, data.positive_class, data.folder, data.image_size, data.channels)
     for key, ours in (("in_shape", shape), ("num_classes", num_classes)):
         theirs = hparams.get(key)
         if theirs is not None and (tuple(theirs) if isinstance(theirs, list | tuple) else theirs) != ours:

@@ -137,13 +137,13 @@ class ImageClassifier(LightningModule):
         return {"prediction": self._predictions(scores), "target": y}
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        _, scores, y = self._step(batch)
+        """Each image's probability per class (for binary: "not positive", positive), and its label (-1 if unknown)."""
+        x, y = batch
+        logits = self(x)
         if self.binary:
-            prediction = (scores > 0.5).long()
-            probability = torch.where(prediction == 1, scores, 1 - scores)
-        else:
-            probability, prediction = scores.softmax(1).max(1)
-        return {"target": y, "prediction": prediction, "probability": probability}
+            positive = torch.sigmoid(logits)
+            return {"target": y, "probabilities": torch.cat([1 - positive, positive], 1)}
+        return {"target": y, "probabilities": logits.softmax(1)}
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())

@@ -1,0 +1,253 @@
+"""A folder of a user's images as a dataset: one sub-folder per class, with or without ``train/``, ``val/``, ``test/``.
+
+Images are decoded by torchvision (PNG, JPEG, WebP), converted to the configured channels and resized (antialiased)
+to the configured size, once: the result is cached under ``data_dir`` as the same ``uint8`` tensors the built-in
+datasets are held in, with each image's pixel sums for the mean and std of whatever the train split turns out to be.
+The cache is rebuilt when a file is added, removed or changed (its listing of names, sizes and times is the key).
+A folder whose decoded images would take more than ``in_memory_max_mb`` is kept on disk instead: the cache then holds
+only the sums, and DataLoader workers decode each batch with the same function, so both paths serve the same batches.
+"""
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from project.data.sets import Files, Tensors, decode
+from project.errors import DataError
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+SPLITS = ("train", "val", "test")
+_CACHE_VERSION = 1  # bump when what the cache holds changes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a folder holds, from its names alone: the class names and, per split folder found, files and labels.
+    A folder without ``train/`` is one pool, under the key ``train``."""
+
+    root: Path
+    classes: tuple[str, ...]
+    splits: dict[str, tuple[list[Path], list[int]]]
+    ignored: int  # files that are not images by their suffix
+
+
+def _class_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images(path: Path) -> tuple[list[Path], int]:
+    """The image files under ``path`` (any depth, by suffix, sorted), and how many other files there are."""
+    files = [Path(d) / f for d, dirs, names in os.walk(path) for f in names if not f.startswith(".")]
+    images = sorted(f for f in files if f.suffix.lower() in SUFFIXES)
+    return images, len(files) - len(images)
+
+
+def classes_of(root: str | Path) -> tuple[str, ...]:
+    """The class names of a folder (its ``train/`` sub-folders if it has one), read from names only."""
+    root = Path(root)
+    if not root.is_dir():
+        what = "is a file, not a directory" if root.exists() else "does not exist"
+        raise DataError(f"data.folder {root} {what}: give the directory that holds one sub-folder of images per class.")
+    base = root / "train" if (root / "train").is_dir() else root
+    classes = tuple(d.name for d in _class_dirs(base))
+    if len(classes) < 2:
+        found = f"one class folder ({classes[0]})" if classes else "no class folders"
+        raise DataError(
+            f"data.folder {base} has {found}: classification needs two or more, one sub-folder per class named after "
+            f"it ({base}/cat/1.jpg, {base}/dog/2.png, ...), optionally inside train/, val/ and test/."
+        )
+    return classes
+
+
+def scan(root: str | Path) -> Layout:
+    """Every image of the folder with its class, per split folder; one DataError for a layout that cannot train."""
+    root = Path(root)
+    classes = classes_of(root)
+    has_splits = (root / "train").is_dir()
+    splits, ignored = {}, 0
+    for split in SPLITS if has_splits else ("train",):
+        base = root / split if has_splits else root
+        if not base.is_dir():
+            continue
+        files, labels = [], []
+        for class_dir in _class_dirs(base):
+            if class_dir.name not in classes:
+                raise DataError(
+                    f"{class_dir} is not a class of the train split ({', '.join(classes)}): every split folder holds "
+                    "the train split's class folders (some may be missing), no others."
+                )
+            images, others = _images(class_dir)
+            ignored += others
+            if not images and split == "train":
+                raise DataError(
+                    f"class folder {class_dir} holds no images ({', '.join(SUFFIXES)}): add some, or remove the folder."
+                )
+            files += images
+            labels += [classes.index(class_dir.name)] * len(images)
+        splits[split] = (files, labels)
+    return Layout(root, classes, splits, ignored)
+
+
+class _Decoded(Dataset):
+    """Each file decoded, or ``None`` where it cannot be: a building block of :func:`decode_all`."""
+
+    def __init__(self, files: list[Path], size: tuple[int, int], channels: int):
+        self.files, self.size, self.channels = files, size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        try:
+            return decode(self.files[i], self.size, self.channels)
+        except DataError:
+            return None
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def decode_all(
+    files: list[Path], size: tuple[int, int], channels: int, num_workers: int, keep: bool
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Decodes every file once (in ``num_workers`` processes): the images if ``keep``, each image's per-channel sum
+    and sum of squares (float64, in 0..1 units), and which files decoded."""
+    n = len(files)
+    images = torch.empty(n, channels, *size, dtype=torch.uint8) if keep else None
+    sums = torch.zeros(n, 2, channels, dtype=torch.float64)
+    ok = torch.zeros(n, dtype=torch.bool)
+    loader = DataLoader(_Decoded(files, size, channels), batch_size=64, num_workers=num_workers, collate_fn=_as_list)
+    i = 0
+    for batch in loader:
+        for image in batch:
+            if image is not None:
+                ok[i] = True
+                pixels = image.double().div_(255).flatten(1)
+                sums[i, 0], sums[i, 1] = pixels.sum(1), pixels.square().sum(1)
+                if keep:
+                    images[i] = image
+            i += 1
+    return images, sums, ok
+
+
+def _listing_key(layout: Layout, size: tuple[int, int], channels: int) -> str:
+    digest = hashlib.sha256(f"{_CACHE_VERSION} {size} {channels}".encode())
+    for files, _ in layout.splits.values():
+        for f in files:
+            stat = f.stat()
+            digest.update(f"{f.relative_to(layout.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class FolderImages:
+    """A scanned, decoded folder: per split folder found, a dataset (in memory or on disk) and each image's sums."""
+
+    layout: Layout
+    sets: dict[str, Tensors | Files]
+    sums: dict[str, torch.Tensor]  # split -> (N, 2, channels) sum and sum of squares per image
+    skipped: list[Path]
+
+
+def load(
+    root: str | Path,
+    size: tuple[int, int],
+    channels: int,
+    cache_dir: str | Path,
+    in_memory_max_mb: int,
+    num_workers: int,
+) -> FolderImages:
+    """The folder's images, from the cache when the files have not changed since it was written."""
+    layout = scan(root)
+    files = [f for fs, _ in layout.splits.values() for f in fs]
+    labels = torch.tensor([label for _, ls in layout.splits.values() for label in ls], dtype=torch.int64)
+    in_memory = len(files) * channels * size[0] * size[1] <= in_memory_max_mb * 2**20
+    key = _listing_key(layout, size, channels)
+    path = Path(cache_dir) / "folders" / f"{layout.root.resolve().name}-{key[:16]}-{'mem' if in_memory else 'disk'}.pt"
+    cached = _read_cache(path, key)
+    if cached is None:
+        images, sums, ok = decode_all(files, size, channels, num_workers, keep=in_memory)
+        cached = {"key": key, "images": images, "sums": sums, "ok": ok}
+        _write_cache(path, cached)
+    ok = cached["ok"]
+    skipped = [f for f, good in zip(files, ok.tolist(), strict=True) if not good]
+    sets, sums, start = {}, {}, 0
+    for split, (split_files, _) in layout.splits.items():
+        span = torch.arange(start, start + len(split_files))
+        start += len(split_files)
+        span = span[ok[span]]
+        if split == "train":
+            _check_classes(layout, labels[span], skipped)
+        if in_memory:
+            sets[split] = Tensors(cached["images"][span], labels[span])
+        else:
+            sets[split] = Files([files[i] for i in span.tolist()], labels[span], size, channels)
+        sums[split] = cached["sums"][span]
+    if skipped and _first_process():
+        names = ", ".join(str(f) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(
+            f"warning: skipped {len(skipped)} of {len(files)} files of {layout.root} that torchvision cannot decode "
+            f"as images: {names}",
+            file=sys.stderr,
+        )
+    return FolderImages(layout, sets, sums, skipped)
+
+
+def _check_classes(layout: Layout, labels: torch.Tensor, skipped: list[Path]) -> None:
+    counts = torch.bincount(labels, minlength=len(layout.classes))
+    empty = [layout.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
+    if empty:
+        raise DataError(
+            f"class folder(s) {', '.join(empty)} of {layout.root} hold no image that torchvision can decode "
+            f"({len(skipped)} files skipped, e.g. {skipped[0]}): replace the files, or remove the folder."
+        )
+
+
+def _first_process() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _read_cache(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, weights_only=True, mmap=True)
+    except Exception:  # a cache that cannot be read (a kill mid-write cannot cause it, see _write_cache) is rebuilt
+        return None
+    return cached if isinstance(cached, dict) and cached.get("key") == key else None
+
+
+def _write_cache(path: Path, cached: dict) -> None:
+    """Write-then-rename: two runs building the same cache at once, or a kill mid-write, leave a whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(cached, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def expand(patterns: list[str]) -> list[Path]:
+    """Image files from files, folders (any depth) and glob patterns, in the order given, each once."""
+    found: dict[Path, None] = {}
+    for pattern in patterns:
+        matches = sorted(glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
+        for match in map(Path, matches):
+            if match.is_dir():
+                found.update(dict.fromkeys(_images(match)[0]))
+            elif match.is_file():
+                found[match] = None
+    if not found:
+        raise DataError(
+            f"data.predict_files {', '.join(patterns)} matches no files: give image files, folders or glob patterns "
+            f"(quoted, e.g. 'photos/*.jpg')."
+        )
+    return list(found)
