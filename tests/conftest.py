@@ -51,6 +51,37 @@ def fashion_dir(tmp_path_factory) -> Path:
     return data_dir
 
 
+# Fashion-MNIST classes that a few hundred images can tell apart, as a user's folder names them
+FOLDER_CLASSES = {"trouser": 1, "sneaker": 7, "bag": 8}
+
+
+def write_image_folder(root: Path, fashion_dir: Path, per_class: int, splits: tuple[str, ...] = ()) -> Path:
+    """Real Fashion-MNIST test images as a user's folder: one sub-folder per class (inside each of ``splits`` if
+    given), PNG and JPEG, most 28x28 grayscale, every third one RGB (tinted), every fifth one resized to 40x36."""
+    from torchvision.io import write_jpeg, write_png
+    from torchvision.transforms.v2.functional import resize
+
+    x, y = registry.load("fashion_mnist", fashion_dir, train=False)
+    for name, label in FOLDER_CLASSES.items():
+        images = x[y == label][: per_class * max(1, len(splits))]
+        for i, image in enumerate(images):
+            split = splits[i % len(splits)] if splits else ""
+            if i % 3 == 0:
+                image = (image.repeat(3, 1, 1).float() * torch.tensor([1.0, 0.8, 0.6]).view(3, 1, 1)).byte()
+            if i % 5 == 0:
+                image = resize(image, [40, 36], antialias=True)
+            path = root / split / name / f"{i:04d}.{'jpg' if i % 4 == 0 else 'png'}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (write_jpeg(image, str(path), quality=95) if i % 4 == 0 else write_png(image, str(path)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(fashion_dir, tmp_path_factory) -> Path:
+    """300 images of 3 classes in class folders (no split folders)."""
+    return write_image_folder(tmp_path_factory.mktemp("images"), fashion_dir, per_class=100)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     if not torch.cuda.is_available():
         for item in items:

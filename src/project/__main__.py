@@ -19,6 +19,7 @@ COMMANDS = {
     "compare": ("project.compare", "train configs (or an experiment directory) side by side: table + curves"),
     "lr-plot": ("project.lr_plot", "plot a config's learning-rate schedule without training"),
     "search": ("project.search", "hyperparameter search with Optuna; every trial a normal run, the study resumable"),
+    "export": ("project.export", "a run's best checkpoint to ONNX and torch.export (.pt2), checked against PyTorch"),
 }
 
 HELP = (

@@ -196,7 +196,16 @@ def resolve_checkpoint(ckpt: str, root: Path | None) -> Path:
             f"--ckpt_path {ckpt}: no run under {root or 'the logger directory'} has a checkpoints/last.ckpt yet; "
             "train first, or give the path of a .ckpt file."
         )
-    last = runs[-1]
+    return run_checkpoint(runs[-1].parent.parent, ckpt)
+
+
+def run_checkpoint(run: Path, ckpt: str) -> Path:
+    """The ``last`` or ``best`` checkpoint of the run directory ``run``, or the path ``ckpt``."""
+    if ckpt not in ("last", "best"):
+        return Path(ckpt)
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(f"{run} has no checkpoints/last.ckpt: give a run directory under logs/ that has trained.")
     if ckpt == "last":
         return last
     callbacks = read_checkpoint(last).get("callbacks", {})

@@ -18,3 +18,7 @@ class DataError(ProjectError):
 
 class NonFiniteError(ProjectError):
     """Training produced a NaN or infinite loss or metric."""
+
+
+class ExportError(ProjectError):
+    """A model that cannot be exported, or whose export does not compute what PyTorch computes."""

@@ -1,0 +1,158 @@
+"""``python -m project export RUN``: a run's best checkpoint (or ``--ckpt_path``) as an ONNX model (torch.onnx, dynamo
+exporter) and a torch.export program (``.pt2``), checked against PyTorch on real test images.
+
+Both take ``uint8`` images ``(N, C, H, W)`` at the training size, any ``N``, and return logits: the normalisation the
+run trained with is inside the graph, resizing is not. ``model.json`` beside them names the classes, the input shape
+and what the output means. Written to ``RUN/export_<k>/`` (the run itself is not changed) or ``--out``.
+
+    python -m project export logs/fashion_mnist_cnn/version_0
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from project.errors import ConfigError, ExportError
+
+
+class Deployable(nn.Module):
+    """A trained net behind the normalisation it was trained with: ``uint8`` images in, one logit per class out (a
+    binary net's logit ``z`` as ``(0, z)``, whose softmax is ``(1 - sigmoid(z), sigmoid(z))``)."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.net((images.float() - self.mean) / self.std)
+        return torch.cat([torch.zeros_like(logits), logits], 1) if logits.shape[1] == 1 else logits
+
+
+def load_run(run: Path, ckpt: str):
+    """The run's model with the checkpoint's weights (eval mode), its data module set up for test with the
+    checkpoint's normalisation and classes, and the checkpoint's path."""
+    from project.checkpoint import read_checkpoint
+    from project.cli import CLI, run_checkpoint
+
+    config_path = run / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"export {run}: {config_path} does not exist; give a run directory under logs/.")
+    path = run_checkpoint(run, ckpt)
+    checkpoint = read_checkpoint(path)
+    config = yaml.safe_load(config_path.read_text())
+    for key in ("ckpt_path", "weights_only"):  # arguments of fit, not of the model and data
+        config.pop(key, None)
+    cli = CLI(["--config", yaml.safe_dump(config)], command="export")
+    model, data = cli.model, cli.datamodule
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    data.prepare_data()
+    data.setup("test")
+    data.load_state_dict(checkpoint.get(type(data).__qualname__, {}))
+    return model, data, path
+
+
+def parity(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, int]:
+    """Largest absolute logit difference, and on how many images the top-1 class agrees."""
+    return (other - reference).abs().max().item(), int((other.argmax(1) == reference.argmax(1)).sum())
+
+
+def export(model: nn.Module, example: torch.Tensor, out: Path) -> dict[str, Path]:
+    """``model.onnx`` and ``model.pt2`` in ``out``, with a batch dimension of any size."""
+    import warnings
+
+    batch = torch.export.Dim("batch", min=1)
+    files = {"onnx": out / "model.onnx", "pt2": out / "model.pt2"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporters' notes on internals a user of the template cannot change
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, files["pt2"])
+            torch.onnx.export(
+                model, (example,), files["onnx"], dynamo=True, dynamic_shapes=({0: batch},),
+                input_names=["images"], output_names=["logits"], verbose=False,
+            )  # fmt: skip
+    except Exception as err:  # torch.export and ONNX raise many types for a net they cannot trace
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ExportError(f"the net cannot be exported ({type(err).__name__}: {first}).") from None
+    return files
+
+
+def main(argv: list[str]) -> None:
+    """``argv``: ``export`` and its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="python -m project export",
+        description=__doc__.split("\n\n")[0],
+        usage="python -m project export RUN_DIR [--ckpt_path best|last|FILE] [--out DIR] [--atol X] [--images N]",
+    )
+    parser.add_argument("run", type=Path, help="a run directory: logs/<name>/version_<n>")
+    parser.add_argument("--ckpt_path", default="best", help="best (default), last, or a .ckpt file")
+    parser.add_argument("--out", type=Path, help="the directory to write (default: RUN_DIR/export_<k>)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest logit difference allowed (default 1e-4)")
+    parser.add_argument("--images", type=int, default=256, help="test images the parity check runs on (default 256)")
+    args = parser.parse_args(argv[1:])
+    if args.images < 1 or args.atol < 0:
+        raise ConfigError("export: --images must be 1 or more and --atol 0 or more.")
+    model, data, ckpt = load_run(args.run, args.ckpt_path)
+    deployable = Deployable(model.net, data.mean, data.std).eval()
+    images = data.test_set.x[: args.images]
+    if args.out is None:
+        from project.logger import claim
+
+        args.out = args.run / claim(args.run, "export")
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = export(deployable, images[:2], args.out)
+    report = check(deployable, images, files)
+    shape = list(data.shape)
+    info = {
+        "classes": list(data.classes),
+        "input": {
+            "name": "images",
+            "shape": ["batch", *shape],
+            "dtype": "uint8",
+            "layout": f"NCHW, {'RGB' if shape[0] == 3 else 'grayscale'}, 0-255",
+        },
+        "output": {"name": "logits", "shape": ["batch", len(data.classes)], "meaning": "one logit per class"},
+        "resize": f"images must be resized to {shape[1]}x{shape[2]} (height x width) before they go in",
+        "normalisation (inside the model)": {"mean": list(data.mean), "std": list(data.std)},
+        "checkpoint": str(ckpt),
+        "parity": report,
+    }
+    (args.out / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"Exported {ckpt} to {args.out}: model.onnx, model.pt2, model.json")
+    print(f"Parity on {len(images)} test images, logits against PyTorch (tolerance {args.atol:g}):")
+    for name, (diff, agree) in report.items():
+        print(f"  {name:<11} max |difference| {diff:.2e}   top-1 agreement {agree}/{len(images)}")
+    failed = [name for name, (diff, agree) in report.items() if diff > args.atol or agree < len(images)]
+    if failed:
+        raise ExportError(
+            f"{' and '.join(failed)} in {args.out} do not compute what PyTorch computes within --atol {args.atol:g} "
+            "(see the table above): do not ship them. A larger --atol accepts the difference, if it is only rounding."
+        )
+
+
+def check(model: nn.Module, images: torch.Tensor, files: dict[str, Path]) -> dict[str, tuple[float, int]]:
+    """Each exported file against PyTorch on ``images``, run as one batch and one image at a time."""
+    import onnxruntime
+
+    with torch.no_grad():
+        reference = model(images)
+    session = onnxruntime.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
+    program = torch.export.load(files["pt2"]).module()
+    runs = {
+        "model.onnx": lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]),
+        "model.pt2": lambda x: program(x).detach(),
+    }
+    report = {}
+    for name, run in runs.items():
+        batched = run(images)
+        single = torch.cat([run(image[None]) for image in images[:8]])
+        diff, agree = parity(reference, batched)
+        report[name] = (max(diff, parity(reference[:8], single)[0]), agree)
+    return report
