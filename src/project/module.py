@@ -187,6 +187,11 @@ def _build(net: NetFactory, in_shape: tuple[int, int, int], outputs: int) -> nn.
             f"model.net {name} cannot be built as {name}(in_shape={tuple(in_shape)}, num_outputs={outputs}): {err}. A "
             "net takes the data's image shape and the number of outputs as its first two arguments."
         ) from None
+    except Exception as err:  # a net that sizes its layers by running on the data's shape (ConvNet's head)
+        raise ConfigError(
+            f"model.net {name} fails on a batch of images of shape {tuple(in_shape)} when it is built: {err}. Use "
+            "larger images (data.image_size) or a net that takes these."
+        ) from None
     module.eval()  # no BatchNorm statistics from blank images
     try:
         with torch.no_grad():

@@ -1,0 +1,247 @@
+"""A user's folder of images: layouts, decoding, the cache, streaming, bad folders, training and predicting on it.
+The images are real Fashion-MNIST images written as PNG and JPEG files (conftest.write_image_folder)."""
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FOLDER_CLASSES, ROOT, TINY, invoke, write_image_folder
+
+from project.data import ImageDataModule
+from project.data import folder as folders
+from project.data.sets import decode
+from project.errors import ConfigError, DataError
+
+CLASSES = tuple(sorted(FOLDER_CLASSES))  # class names are the folder names, sorted
+
+
+def folder_data(root: Path, cache: Path, **kwargs) -> ImageDataModule:
+    kwargs = {"image_size": 28, "val_size": 0.1, "test_size": 0.1, **kwargs}
+    dm = ImageDataModule("folder", kwargs.pop("batch_size", 32), str(cache), folder=str(root), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def folder_fit(tmp_path: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        f"--config={ROOT / 'configs/folder.yaml'}",
+        f"--data.folder={root}",
+        f"--data.data_dir={tmp_path / 'data'}",
+        "--data.image_size=28",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        *TINY,
+        *extra,
+    ]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_class_folders_split_by_seeded_fractions(image_folder, tmp_path):
+    dm = folder_data(image_folder, tmp_path)
+    assert dm.classes == CLASSES and dm.shape == (3, 28, 28) and dm.num_classes == 3
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (240, 30, 30)
+    assert dm.train_set.x.dtype == torch.uint8 and dm.train_set.x.shape[1:] == (3, 28, 28)
+    # the three splits partition the 300 images
+    keys = [{bytes(x.numpy()) for x in s.x} for s in (dm.train_set, dm.val_set, dm.test_set)]
+    assert sum(map(len, keys)) == len(set().union(*keys)) == 300
+    assert torch.bincount(torch.cat([dm.train_set.y, dm.val_set.y, dm.test_set.y])).tolist() == [100, 100, 100]
+    again, other = folder_data(image_folder, tmp_path), folder_data(image_folder, tmp_path, split_seed=1)
+    assert torch.equal(again.val_set.x, dm.val_set.x) and not torch.equal(other.val_set.x, dm.val_set.x)
+    # the mean and std are the train split's, per channel
+    pixels = dm.train_set.x.double().div(255).transpose(0, 1).flatten(1)
+    assert torch.allclose(torch.tensor(dm.mean, dtype=torch.float64), pixels.mean(1), atol=1e-6)
+    assert torch.allclose(torch.tensor(dm.std, dtype=torch.float64), pixels.std(1, correction=0), atol=1e-6)
+
+
+def test_train_val_test_folders_are_the_splits(fashion_dir, tmp_path):
+    root = write_image_folder(tmp_path / "images", fashion_dir, 20, ("train", "train", "val", "test"))
+    dm = folder_data(root, tmp_path, val_size=5, batch_size=8)
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (120, 60, 60)
+    shutil.rmtree(root / "val")  # no val/: carved from train/, test/ stays
+    dm = folder_data(root, tmp_path, val_size=5, batch_size=8)
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (115, 5, 60)
+
+
+def test_images_are_converted_and_resized_as_configured(image_folder, tmp_path):
+    rgb_small = image_folder / "bag" / "0005.png"  # i % 5 == 0: 40x36; i % 3 != 0: gray
+    assert decode(rgb_small, (40, 36), 1).shape == (1, 40, 36)
+    gray = decode(rgb_small, (28, 28), 3)
+    assert gray.shape == (3, 28, 28) and torch.equal(gray[0], gray[1])  # a gray file as RGB: equal channels
+    tinted = decode(image_folder / "bag" / "0003.png", (28, 28), 3)  # i % 3 == 0: RGB
+    assert not torch.equal(tinted[0], tinted[2])
+    dm = folder_data(image_folder, tmp_path, image_size=[20, 24], channels=1)
+    assert dm.shape == (1, 20, 24) and dm.train_set.x.shape[1:] == (1, 20, 24) and len(dm.mean) == 1
+
+
+def test_cache_is_used_until_a_file_changes(fashion_dir, tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "images", fashion_dir, 20)
+    decoded = []
+    real = folders.decode_all
+    monkeypatch.setattr(
+        folders, "decode_all", lambda files, *a, **k: decoded.append(len(files)) or real(files, *a, **k)
+    )
+    first = folder_data(root, tmp_path / "cache")
+    assert decoded == [60] and len(list((tmp_path / "cache" / "folders").glob("*.pt"))) == 1
+    again = folder_data(root, tmp_path / "cache")
+    assert decoded == [60] and torch.equal(again.train_set.x, first.train_set.x)  # from the cache
+    shutil.copy(root / "bag" / "0001.png", root / "bag" / "extra.png")
+    grown = folder_data(root, tmp_path / "cache")
+    assert decoded == [60, 61] and len(grown.train_set) + len(grown.val_set) + len(grown.test_set) == 61
+    path = root / "bag" / "0002.png"
+    stat = path.stat()
+    write_image_folder(tmp_path / "other", fashion_dir, 21)
+    shutil.copy(tmp_path / "other" / "trouser" / "0019.png", path)  # same name, other content
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    changed = folder_data(root, tmp_path / "cache")
+    assert decoded == [60, 61, 61] and not torch.equal(changed.train_set.x.sum(), first.train_set.x.sum())
+    # another size or channel count is another cache, and a damaged cache file is rebuilt, not trusted
+    folder_data(root, tmp_path / "cache", image_size=24)
+    assert decoded[-1] == 61 and len(decoded) == 4
+    for cache in (tmp_path / "cache" / "folders").glob("*.pt"):
+        cache.write_bytes(b"garbage")
+    folder_data(root, tmp_path / "cache")
+    assert len(decoded) == 5
+
+
+def test_streamed_and_in_memory_serve_the_same_batches(image_folder, tmp_path):
+    memory = folder_data(image_folder, tmp_path, crop_padding=2)
+    disk = folder_data(image_folder, tmp_path, crop_padding=2, in_memory_max_mb=0)
+    assert isinstance(memory.train_set, folders.Tensors) and isinstance(disk.train_set, folders.Files)
+    assert memory.mean == disk.mean and memory.std == disk.std
+    for a, b in (
+        (memory.train_dataloader(), disk.train_dataloader()),
+        (memory.val_dataloader(), disk.val_dataloader()),
+    ):
+        batches = list(zip(a, b, strict=True))
+        assert len(batches) >= 1
+        for (xa, ya), (xb, yb) in batches:
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_streamed_folder_trains_with_workers(image_folder, tmp_path):
+    result = invoke(folder_fit(tmp_path, image_folder, "--data.in_memory_max_mb=0", "--data.num_workers=2"))
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "logs" / "folder" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+
+
+@pytest.mark.parametrize("net", ["SoftmaxRegression", "MLP", "LeNet", "ConvNet", "ResNet"])
+def test_every_model_trains_on_a_folder(image_folder, tmp_path, net):
+    # RGB, not square, with the crop and flip augmentations
+    args = [f"--model.net=project.models.{net}", "--data.image_size=[30,36]", "--data.crop_padding=2"]
+    result = invoke(folder_fit(tmp_path, image_folder, *args, "--data.hflip=true", "--trainer.limit_train_batches=2"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_training_learns_the_folder_classes(image_folder, tmp_path):
+    args = ["--trainer.max_epochs=6", "--trainer.limit_train_batches=null", "--trainer.limit_val_batches=null",
+            "--trainer.limit_test_batches=null", "--model.net=project.models.ConvNet", "--data.channels=1"]  # fmt: skip
+    result = invoke(folder_fit(tmp_path, image_folder, *args))
+    assert result.returncode == 0, result.stderr
+    acc = float(next(line for line in result.stdout.splitlines() if "test/acc" in line).split()[-2])
+    assert acc >= 0.8  # 3 classes: chance is 0.33
+
+
+def test_predict_on_files_folders_and_globs(fashion_dir, tmp_path):
+    root = write_image_folder(tmp_path / "images", fashion_dir, 20, ("train", "train", "val", "test"))
+    assert invoke(folder_fit(tmp_path, root, "--data.batch_size=16")).returncode == 0
+    run = tmp_path / "logs" / "folder" / "version_0"
+    predict = ["predict", *folder_fit(tmp_path, root, "--data.batch_size=16")[1:], "--ckpt_path=best"]
+    assert invoke(predict).returncode == 0
+    test_rows = read_csv(run / "predict_0" / "predictions.csv")
+    assert len(test_rows) == 60 and set(test_rows[0]) >= {"index", "target", "class_3", "probability_3"}
+    # the test folder's files, named as a folder: the same images, the same probabilities (resized, normalised
+    # as in training)
+    result = invoke([*predict, f"--data.predict_files={root / 'test'}"])
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(run / "predict_1" / "predictions.csv")
+    assert [Path(r["file"]).parent.name for r in rows] == [CLASSES[int(r["target"])] for r in test_rows]
+    assert [r["probability"] for r in rows] == [r["probability"] for r in test_rows]
+    for row in rows:
+        probabilities = [float(row[k]) for k in ("probability", "probability_2", "probability_3")]
+        assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 1) < 1e-4
+        assert {row["class_name"], row["class_2"], row["class_3"]} == set(CLASSES)
+    # a glob (quoted: the template expands it), a file of another size, and a file that is no image
+    big = tmp_path / "big.png"
+    from torchvision.io import write_png
+
+    write_png(torch.randint(0, 255, (3, 300, 200), dtype=torch.uint8), str(big))
+    (tmp_path / "notes.png").write_text("not an image")
+    pattern = str(root / "val" / "*" / "*.png")
+    result = invoke([*predict, f"--data.predict_files=[{pattern}, {big}, {tmp_path / 'notes.png'}]",
+                     "--predictions.top_k=1"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 of" in result.stderr and "notes.png" in result.stderr
+    rows = read_csv(run / "predict_2" / "predictions.csv")
+    pngs = sorted(str(p) for p in (root / "val").glob("*/*.png"))
+    assert [r["file"] for r in rows] == [*pngs, str(big)] and "class_2" not in rows[0]
+    result = invoke([*predict, f"--data.predict_files={tmp_path / 'nothing' / '*.jpg'}"])
+    assert result.returncode == 1 and "matches no files" in result.stderr
+
+
+def test_checkpoint_keeps_the_normalisation_and_classes(image_folder, tmp_path):
+    assert invoke(folder_fit(tmp_path, image_folder)).returncode == 0
+    last = tmp_path / "logs" / "folder" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["ImageDataModule"]
+    dm = folder_data(image_folder, tmp_path / "data")
+    assert state == {"mean": list(dm.mean), "std": list(dm.std), "classes": list(CLASSES)}
+    dm.load_state_dict({**state, "mean": [0.5] * 3, "std": [0.25] * 3})  # what a run trained with wins
+    assert torch.allclose(dm.normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)), torch.tensor(2.0))
+    with pytest.raises(ConfigError, match="trained on the classes bag, cat"):
+        dm.load_state_dict({**state, "classes": ["bag", "cat", "dog"]})
+
+
+@pytest.mark.parametrize(
+    "make, error, expected",
+    [
+        (lambda r: shutil.rmtree(r), DataError, "does not exist"),
+        (lambda r: [shutil.rmtree(r / c) for c in ("bag", "sneaker")], DataError, r"one class folder \(trouser\)"),
+        (lambda r: [shutil.rmtree(r / c) for c in CLASSES], DataError, "no class folders"),
+        (lambda r: [p.unlink() for p in (r / "bag").iterdir()], DataError, "class folder .*bag holds no images"),
+        (lambda r: [p.write_bytes(b"\x89PNG broken") for p in (r / "bag").iterdir()], DataError,
+         "bag of .* hold no image that torchvision can decode"),
+        (lambda r: (r / "val" / "cat").mkdir(parents=True), DataError, "cat is not a class of the train split"),
+    ],
+    ids=["missing", "one-class", "no-classes", "empty-class", "all-corrupt", "unknown-class"],
+)  # fmt: skip
+def test_folders_that_cannot_train_say_why(fashion_dir, tmp_path, make, error, expected):
+    root = write_image_folder(tmp_path / "images", fashion_dir, 10, ("train",) if "cat" in expected else ())
+    make(root)
+    with pytest.raises(error, match=expected):
+        folder_data(root, tmp_path, batch_size=4)
+
+
+def test_bad_folders_and_settings_through_the_cli(image_folder, fashion_dir, tmp_path):
+    # corrupt files are skipped, counted and named; the run goes on
+    root = write_image_folder(tmp_path / "images", fashion_dir, 30)
+    (root / "bag" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "bag" / "readme.txt").write_text("not an image, and not named like one: ignored")
+    result = invoke(folder_fit(tmp_path, root))
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 of 90 files" in result.stderr and "0001.png" in result.stderr
+    for args, code, expected in (
+        (["--data.folder=null"], 2, "data.dataset folder needs data.folder"),
+        ([f"--data.folder={root / 'bag' / '0002.png'}"], 1, "is a file, not a directory"),
+        (["--data.image_size=0"], 2, "data.image_size=0"),
+        (
+            ["--data.image_size=4", "--model.net=project.models.ConvNet"],
+            2,
+            "fails on a batch of images of shape (3, 4, 4)",
+        ),
+        (["--data.test_size=0.0"], 2, "data.test_size=0.0 cannot split"),
+        (["--data.val_size=0.6", "--data.test_size=0.5"], 2, "leave no training images"),
+        (
+            ["--data.dataset=fashion_mnist", f"--data.data_dir={fashion_dir}"],
+            2,
+            "data.folder is for data.dataset folder",
+        ),
+    ):
+        result = invoke(folder_fit(tmp_path, root, *args))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == code and expected in lines[-1] and "Traceback" not in result.stderr, result.stderr
