@@ -103,6 +103,20 @@ def fit_args(tmp_path: Path, data_dir: Path, *extra: str, config: str | None = N
     ]
 
 
+def folder_fit(tmp_path: Path, root: Path, *extra: str) -> list[str]:
+    """``fit`` of configs/folder.yaml on the image folder ``root`` at 28x28."""
+    return [
+        "fit",
+        f"--config={ROOT / 'configs/folder.yaml'}",
+        f"--data.folder={root}",
+        f"--data.data_dir={tmp_path / 'data'}",
+        "--data.image_size=28",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        *TINY,
+        *extra,
+    ]
+
+
 def cli(args: list[str]) -> CLI:
     """Runs the CLI in this process and returns it (trainer, model and datamodule inside)."""
     return CLI(args=args)

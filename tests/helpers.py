@@ -158,3 +158,15 @@ class NoSyncBetweenSteps(Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         torch.cuda.set_sync_debug_mode(0)
+
+
+class Branchy(torch.nn.Module):
+    """A net whose forward takes a branch on a tensor's value: it trains, and torch.export cannot trace it."""
+
+    def __init__(self, in_shape: tuple[int, int, int], num_outputs: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(in_shape[0] * in_shape[1] * in_shape[2], num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.flatten(1))
+        return out if x.mean() > 0 else -out

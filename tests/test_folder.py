@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FOLDER_CLASSES, ROOT, TINY, invoke, write_image_folder
+from conftest import FOLDER_CLASSES, folder_fit, invoke, write_image_folder
 
 from project.data import ImageDataModule
 from project.data import folder as folders
@@ -23,19 +23,6 @@ def folder_data(root: Path, cache: Path, **kwargs) -> ImageDataModule:
     dm = ImageDataModule("folder", kwargs.pop("batch_size", 32), str(cache), folder=str(root), **kwargs)
     dm.setup("fit")
     return dm
-
-
-def folder_fit(tmp_path: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        f"--config={ROOT / 'configs/folder.yaml'}",
-        f"--data.folder={root}",
-        f"--data.data_dir={tmp_path / 'data'}",
-        "--data.image_size=28",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        *TINY,
-        *extra,
-    ]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
