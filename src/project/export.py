@@ -76,7 +76,7 @@ def export(model: nn.Module, example: torch.Tensor, out: Path) -> dict[str, Path
             torch.export.save(program, files["pt2"])
             torch.onnx.export(
                 model, (example,), files["onnx"], dynamo=True, dynamic_shapes=({0: batch},),
-                input_names=["images"], output_names=["logits"], verbose=False,
+                input_names=["images"], output_names=["logits"], verbose=False, external_data=False,
             )  # fmt: skip
     except Exception as err:  # torch.export and ONNX raise many types for a net they cannot trace
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
