@@ -101,7 +101,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError("export: --images must be 1 or more and --atol 0 or more.")
     model, data, ckpt = load_run(args.run, args.ckpt_path)
     deployable = Deployable(model.net, data.mean, data.std).eval()
-    images = data.test_set.x[: args.images]
+    images, _ = data.test_set.__getitems__(torch.arange(min(args.images, len(data.test_set))))
     if args.out is None:
         from project.logger import claim
 

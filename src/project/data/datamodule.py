@@ -169,8 +169,12 @@ class ImageDataModule(LightningDataModule):
         return (n - n_val - n_test) // self.hparams.batch_size
 
     def prepare_data(self) -> None:
-        if self.hparams.dataset != "folder":
-            registry.prepare(self.hparams.dataset, self.hparams.data_dir, self.hparams.download)
+        """Once per node (Lightning calls it on local rank 0 only): the files in place, or a folder's cache built."""
+        h = self.hparams
+        if h.dataset != "folder":
+            registry.prepare(h.dataset, h.data_dir, h.download)
+        elif h.predict_files is None:
+            folders.cache(h.folder, _size(h.image_size), h.channels, h.data_dir, h.in_memory_max_mb, h.num_workers)
 
     def setup(self, stage: str) -> None:
         if stage == "predict" and self.hparams.predict_files is not None:

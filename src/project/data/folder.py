@@ -156,26 +156,31 @@ class FolderImages:
     skipped: list[Path]
 
 
-def load(
-    root: str | Path,
-    size: tuple[int, int],
-    channels: int,
-    cache_dir: str | Path,
-    in_memory_max_mb: int,
-    num_workers: int,
-) -> FolderImages:
-    """The folder's images, from the cache when the files have not changed since it was written."""
+def cache(
+    root: str | Path, size: tuple[int, int], channels: int, cache_dir: str | Path, in_memory_max_mb: int, workers: int
+) -> tuple[Layout, dict]:
+    """The folder's layout and its cache (written first, if the files changed since or there is none): ``images``
+    (``uint8 (N, channels, *size)``, or ``None`` for a folder kept on disk), ``sums`` and ``ok``, in layout order."""
     layout = scan(root)
     files = [f for fs, _ in layout.splits.values() for f in fs]
-    labels = torch.tensor([label for _, ls in layout.splits.values() for label in ls], dtype=torch.int64)
     in_memory = len(files) * channels * size[0] * size[1] <= in_memory_max_mb * 2**20
     key = _listing_key(layout, size, channels)
     path = Path(cache_dir) / "folders" / f"{layout.root.resolve().name}-{key[:16]}-{'mem' if in_memory else 'disk'}.pt"
     cached = _read_cache(path, key)
     if cached is None:
-        images, sums, ok = decode_all(files, size, channels, num_workers, keep=in_memory)
+        images, sums, ok = decode_all(files, size, channels, workers, keep=in_memory)
         cached = {"key": key, "images": images, "sums": sums, "ok": ok}
         _write_cache(path, cached)
+    return layout, cached
+
+
+def load(
+    root: str | Path, size: tuple[int, int], channels: int, cache_dir: str | Path, in_memory_max_mb: int, workers: int
+) -> FolderImages:
+    """The folder's images per split folder, from :func:`cache`; says on stderr which files were skipped."""
+    layout, cached = cache(root, size, channels, cache_dir, in_memory_max_mb, workers)
+    files = [f for fs, _ in layout.splits.values() for f in fs]
+    labels = torch.tensor([label for _, ls in layout.splits.values() for label in ls], dtype=torch.int64)
     ok = cached["ok"]
     skipped = [f for f, good in zip(files, ok.tolist(), strict=True) if not good]
     sets, sums, start = {}, {}, 0
@@ -185,7 +190,7 @@ def load(
         span = span[ok[span]]
         if split == "train":
             _check_classes(layout, labels[span], skipped)
-        if in_memory:
+        if cached["images"] is not None:
             sets[split] = Tensors(cached["images"][span], labels[span])
         else:
             sets[split] = Files([files[i] for i in span.tolist()], labels[span], size, channels)
