@@ -3,14 +3,27 @@
     python -m project compare configs/experiments/regularization            # each variant over base.yaml
     python -m project compare configs/a.yaml configs/b.yaml --name mine     # whole configs
     python -m project compare configs/experiments/optimizers -- --trainer.max_epochs=5   # args for every run
+    python -m project compare configs/experiments/optimizers --seeds 3      # each variant 3 times: mean +- std
 
-Each variant trains as ``logs/experiments/<name>/<variant>/version_<n>`` (a finished run there is reused unless
-``--rerun``); then ``comparison.md``, ``comparison.csv`` and ``curves.png`` are written beside them, read from the
-TensorBoard event files. Point TensorBoard at ``logs/experiments/<name>`` to compare the runs there.
+Each variant trains as ``logs/experiments/<name>/<variant>/version_<n>`` (``<variant>/seed_<s>/version_<n>`` with
+``--seeds``; a finished run there is reused unless ``--rerun``); then ``comparison.md``, ``comparison.csv`` and
+``curves.png`` are written beside them, read from the TensorBoard event files. Point TensorBoard at
+``logs/experiments/<name>`` to compare the runs there.
+
+With ``--seeds N`` (N >= 2), every variant trains with ``seed_everything`` 0..N-1 (the weights, the data order, dropout
+and augmentation change; the train/val split, seeded by ``data.split_seed``, does not), and the table gives per variant
+the mean +- standard deviation and the 95% confidence interval of the mean (Student's t, N-1 degrees of freedom) of
+each metric, the epochs and seconds to a target validation accuracy, and Welch's t-test of its test accuracy against
+the variant with the best mean: the runs of two variants are independent samples whose spread may differ (a big net's
+more than a small one's), which is what Welch's test assumes and Student's equal-variance test does not; with 3 seeds it
+can only detect differences several times the seed noise. The curves show each variant's mean with a band of +- one
+standard deviation.
 """
 
 import argparse
 import csv
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +65,35 @@ def summarize(name: str, run_dir: Path) -> dict:
         "wall s": round(max(times) - min(times), 1),
         "params": int(s["model/params"][-1][1]),
         "curves": {label: [v for _, v in s[tag]] for label, tag in CURVES.items()},
+        "val acc at": [(t - min(times), v) for t, v in s["val/acc"]],  # (seconds since the run began, val acc)
     }
+
+
+def to_target(row: dict, target: float) -> tuple[float, float]:
+    """Epochs and seconds until the run's val acc first reached ``target`` (NaN if it never did)."""
+    return next(((epoch + 1, t) for epoch, (t, v) in enumerate(row["val acc at"]) if v >= target), (math.nan, math.nan))
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """Mean, standard deviation (N-1) and the half-width of the mean's 95% confidence interval (Student's t)."""
+    from scipy import stats
+
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan, math.nan
+    if len(values) < 2:
+        return values[0], math.nan, math.nan
+    sd = statistics.stdev(values)
+    return statistics.fmean(values), sd, stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+
+
+def welch(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of Welch's t-test that ``a`` and ``b`` have the same mean."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2 or (statistics.stdev(a) == 0 and statistics.stdev(b) == 0):
+        return math.nan
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def train(name: str, config_args: list[str], save_dir: Path, extra: list[str]) -> str | None:
@@ -76,8 +117,16 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     axes = fig.subplots(2, 2).flatten()
     for ax, label in zip(axes, CURVES, strict=True):
         for row in rows:
-            values = row["curves"][label]
-            ax.plot(range(len(values)), values, marker=".", label=row["run"])
+            runs = row["seed curves"] if "seed curves" in row else [row["curves"]]
+            length = min(len(r[label]) for r in runs)  # early stopping may end some seeds sooner
+            columns = [[r[label][i] for r in runs] for i in range(length)]
+            mean = [statistics.fmean(c) for c in columns]
+            (line,) = ax.plot(range(length), mean, marker=".", label=row["run"])
+            if len(runs) > 1:
+                sd = [statistics.stdev(c) for c in columns]
+                low = [m - s for m, s in zip(mean, sd, strict=True)]
+                high = [m + s for m, s in zip(mean, sd, strict=True)]
+                ax.fill_between(range(length), low, high, color=line.get_color(), alpha=0.2)
         ax.set(title=label, xlabel="epoch")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -86,14 +135,37 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     fig.savefig(out, dpi=90)
 
 
-def write_tables(rows: list[dict], directory: Path) -> str:
+SEED_COLUMNS = ["run", "seeds ok", "test acc", "test acc 95% CI", "p vs best (Welch)", "best val acc", "train-val gap",
+                "epochs to target", "s to target", "wall s", "params"]  # fmt: skip
+
+
+def aggregate(variant: str, runs: list[dict], target: float) -> dict:
+    """One row for a variant's seeds: each metric as mean +- sd, the test accuracy's 95% CI, time to ``target``."""
+    row = {"run": variant, "status": "ok", "seeds ok": len(runs), "params": runs[0]["params"],
+           "test accs": [r["test acc"] for r in runs], "seed curves": [r["curves"] for r in runs]}  # fmt: skip
+    reached = [to_target(r, target) for r in runs]
+    metrics = {"test acc": [r["test acc"] for r in runs], "best val acc": [r["best val acc"] for r in runs],
+               "train-val gap": [r["train-val gap"] for r in runs], "wall s": [r["wall s"] for r in runs],
+               "epochs to target": [e for e, _ in reached], "s to target": [s for _, s in reached]}  # fmt: skip
+    for key, values in metrics.items():
+        mean, sd, half = spread(values)
+        digits = 1 if key in ("wall s", "s to target", "epochs to target") else 4
+        row[key] = f"{mean:.{digits}f} +- {sd:.{digits}f}" if not math.isnan(sd) else f"{mean:.{digits}f}"
+        if key == "test acc" and not math.isnan(half):
+            row["test acc 95% CI"] = f"[{mean - half:.4f}, {mean + half:.4f}]"
+        if key.endswith("to target") and any(math.isnan(v) for v in values):
+            row[key] += f" ({sum(not math.isnan(v) for v in values)}/{len(values)} reached)"
+    return row
+
+
+def write_tables(rows: list[dict], directory: Path, columns: list[str] = COLUMNS, caption: str = "") -> str:
     with open(directory / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |" for row in rows]
-    table = "\n".join(lines) + "\n"
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    table = caption + "\n".join(lines) + "\n"
     (directory / "comparison.md").write_text(table)
     return table
 
@@ -106,29 +178,64 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--name", help="the experiment's name (default: the directory's, or 'compare')")
     parser.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
     parser.add_argument("--logs", type=Path, default=Path("logs/experiments"), help="where runs and results go")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds 0..N-1 (default 1: the config's)")
+    parser.add_argument("--target", type=float, help="val acc to time (default: the lowest best val acc of all runs)")
     args = parser.parse_args(argv[1 : argv.index("--")] if "--" in argv else argv[1:])
+    if args.seeds < 1:
+        raise ConfigError(f"compare --seeds {args.seeds}: give 1 or more runs per variant.")
 
     if len(args.configs) == 1 and args.configs[0].is_dir():
-        runs, name = variants(args.configs[0]), args.name or args.configs[0].name
+        variants_, name = variants(args.configs[0]), args.name or args.configs[0].name
     else:
         if missing := [str(c) for c in args.configs if not c.is_file()]:
             raise ConfigError(f"no such config file or experiment directory: {', '.join(missing)}.")
-        runs, name = {c.stem: [f"--config={c}"] for c in args.configs}, args.name or "compare"
+        variants_, name = {c.stem: [f"--config={c}"] for c in args.configs}, args.name or "compare"
     directory = args.logs / name
-    rows = []
-    for i, (variant, config_args) in enumerate(runs.items(), 1):
-        done = None if args.rerun else finished(directory / variant)
-        print(f"[{i}/{len(runs)}] {name}/{variant}: {'reusing ' + str(done) if done else 'training'}", flush=True)
-        error = None if done else train(variant, config_args, directory, extra)
-        if error is None and (done := finished(directory / variant)) is None:
+    seeds = [None] if args.seeds == 1 else list(range(args.seeds))
+    runs = [(v, s) for v in variants_ for s in seeds]
+    results: dict[str, list[dict]] = {v: [] for v in variants_}
+    failures: dict[str, str] = {}
+    for i, (variant, seed) in enumerate(runs, 1):
+        run = variant if seed is None else f"{variant}/seed_{seed}"
+        done = None if args.rerun else finished(directory / run)
+        print(f"[{i}/{len(runs)}] {name}/{run}: {'reusing ' + str(done) if done else 'training'}", flush=True)
+        seeded = [] if seed is None else [f"--seed_everything={seed}"]
+        error = None if done else train(run, [*variants_[variant], *seeded], directory, extra)
+        if error is None and (done := finished(directory / run)) is None:
             error = "the run ended before its test"
-        rows.append({"run": variant, "status": f"failed, {error}"} if error else summarize(variant, done))
         if error:
-            print(f"[{i}/{len(runs)}] {name}/{variant}: FAILED, {error}", flush=True)
-    table = write_tables(rows, directory)
+            failures.setdefault(variant, error)
+            print(f"[{i}/{len(runs)}] {name}/{run}: FAILED, {error}", flush=True)
+        else:
+            results[variant].append(summarize(variant, done))
+    if seeds == [None]:
+        rows = [{"run": v, "status": f"failed, {failures[v]}"} if v in failures else results[v][0] for v in variants_]
+        table = write_tables(rows, directory)
+    else:
+        rows, target = table_of_seeds(results, failures, args.target)
+        caption = (f"{len(seeds)} seeds per variant; mean +- sd; the target of 'to target' is val acc {target:.4f}; "
+                   "p: Welch's t-test of test acc against the best mean.\n\n")  # fmt: skip
+        table = write_tables(rows, directory, SEED_COLUMNS, caption)
     ok = [row for row in rows if row["status"] == "ok"]
     if ok:
-        plot(ok, directory / "curves.png", name)
+        plot(ok, directory / "curves.png", name + ("" if seeds == [None] else f", mean +- sd of {len(seeds)} seeds"))
     print(f"\n{table}\nWrote {directory / 'comparison.md'}, comparison.csv" + (", curves.png" if ok else ""))
-    if len(ok) < len(rows):
+    if failures:
         sys.exit(1)
+
+
+def table_of_seeds(
+    results: dict[str, list[dict]], failures: dict[str, str], target: float | None
+) -> tuple[list[dict], float]:
+    """One row per variant over its seeds (a variant with a failed seed is listed as failed), and the target."""
+    complete = {v: runs for v, runs in results.items() if v not in failures}
+    if target is None and complete:
+        target = min(max(v for _, v in r["val acc at"]) for runs in complete.values() for r in runs)
+    rows = [aggregate(v, runs, target) for v, runs in complete.items()]
+    if rows:
+        best = max(rows, key=lambda r: statistics.fmean(r["test accs"]))
+        for row in rows:
+            p = welch(row["test accs"], best["test accs"])
+            row["p vs best (Welch)"] = "best" if row is best else "n/a" if math.isnan(p) else f"{p:.3f}"
+    failed = [{"run": v, "status": f"failed, {e}", "seeds ok": len(results[v])} for v, e in failures.items()]
+    return rows + failed, math.nan if target is None else target
