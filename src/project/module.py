@@ -23,6 +23,11 @@ class ImageClassifier(LightningModule):
     is ``BCEWithLogits``; otherwise ``CrossEntropy`` over ``num_classes`` logits. Logs ``train/loss_step`` (at
     logging steps), ``train/{loss_epoch,acc}``, ``{val,test}/{loss,acc}``, ``val/acc_best``, and F1 (and top-5
     accuracy with more than 5 classes) for val and test.
+    ``label_smoothing`` softens the training targets (the loss only; val and test losses are plain). Training batches
+    may come with soft targets, class probabilities ``(N, num_classes)`` (mixup and cutmix in the data module): the
+    loss takes them as they are, and an image counts in ``train/acc`` by the weight its target gives the predicted
+    class. ``tta`` averages the logits of ``test`` and ``predict`` over the image and its mirror image (``flip``), and
+    also the image moved one pixel up-left and down-right (``flip_translate``).
     ``channels_last`` and ``compile`` (``torch.compile``) are speed options for GPUs; precision is a Trainer flag.
     Arguments without a default here take theirs from ``configs/default.yaml``.
     """
@@ -38,9 +43,13 @@ class ImageClassifier(LightningModule):
         channels_last: bool,
         scheduler_monitor: str = "val/loss",
         compile: bool = False,
+        label_smoothing: float = 0.0,
+        tta: Literal["none", "flip", "flip_translate"] = "none",
     ):
         super().__init__()
         self.save_hyperparameters()
+        if not 0 <= label_smoothing < 1:
+            raise ConfigError(f"model.label_smoothing={label_smoothing}: give a value in [0, 1).")
         self.binary = num_classes == 2
         outputs = 1 if self.binary else num_classes
         self.net = _build(net, in_shape, outputs)
@@ -57,7 +66,7 @@ class ImageClassifier(LightningModule):
         # self.log(on_epoch=True), costs as much as a small net's step (and torchmetrics' binary update reads the
         # scores back on the CPU)
         self.register_buffer("train_loss_sum", torch.zeros(()), persistent=False)
-        self.register_buffer("train_hits", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("train_hits", torch.zeros(()), persistent=False)  # fractional with soft targets
         self.train_seen = 0
         scores = {"acc": Accuracy(**task), "f1": F1Score(**task, average="macro")}
         if not self.binary and num_classes > 5:
@@ -85,23 +94,29 @@ class ImageClassifier(LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Loss and scores (probabilities for binary, logits otherwise) of one batch, used by every stage."""
+    def _step(self, batch, logits: torch.Tensor | None = None, smoothing: float = 0.0):
+        """Loss and scores (probabilities for binary, logits otherwise) of one batch, used by every stage; ``logits``
+        if already computed (test-time augmentation)."""
         x, y = batch
-        logits = self(x)
+        logits = self(x) if logits is None else logits
         if self.binary:
             logits = logits.squeeze(1)
-            return F.binary_cross_entropy_with_logits(logits, y.float()), torch.sigmoid(logits), y
-        return F.cross_entropy(logits, y), logits, y
+            target = y.float() if y.ndim == 1 else y[:, 1]  # soft targets: the positive class's probability
+            target = target * (1 - smoothing) + 0.5 * smoothing
+            return F.binary_cross_entropy_with_logits(logits, target), torch.sigmoid(logits), y
+        return F.cross_entropy(logits, y, label_smoothing=smoothing), logits, y
 
     def _predictions(self, scores: torch.Tensor) -> torch.Tensor:
         return (scores > 0.5).long() if self.binary else scores.argmax(1)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, scores, y = self._step(batch)
+        loss, scores, y = self._step(batch, smoothing=self.hparams.label_smoothing)
         with torch.no_grad():
             self.train_loss_sum += loss * len(y)
-            self.train_hits += self._predictions(scores).eq(y).sum()
+            predictions = self._predictions(scores)
+            # a mixed image counts as right by the share of its target that the predicted class has
+            hits = predictions.eq(y) if y.ndim == 1 else y.gather(1, predictions[:, None])
+            self.train_hits += hits.sum()
         self.train_seen += len(y)
         # logged only where the logger writes it (as Lightning's LearningRateMonitor decides): self.log costs about as
         # much as the step of a small net; and not on the progress bar, which would read it back (a GPU sync) each step
@@ -128,8 +143,19 @@ class ImageClassifier(LightningModule):
             self.val_acc_best(self.val_metrics["acc"].compute())
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
+    def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of ``x``, averaged over the views ``tta`` names."""
+        views = [x]
+        if self.hparams.tta == "flip_translate":
+            padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+            h, w = x.shape[-2:]
+            views += [padded[..., :h, :w], padded[..., 2:, 2:]]
+        if self.hparams.tta != "none":
+            views += [v.flip(3) for v in views]
+        return torch.stack([self(v) for v in views]).mean(0)
+
     def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        loss, scores, y = self._step(batch)
+        loss, scores, y = self._step(batch, self.tta_logits(batch[0]))
         self.test_metrics.update(scores, y)
         self.log("test/loss", loss, sync_dist=True)
         self.log_dict(self.test_metrics)
@@ -139,7 +165,7 @@ class ImageClassifier(LightningModule):
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Each image's probability per class (for binary: "not positive", positive), and its label (-1 if unknown)."""
         x, y = batch
-        logits = self(x)
+        logits = self.tta_logits(x)
         if self.binary:
             positive = torch.sigmoid(logits)
             return {"target": y, "probabilities": torch.cat([1 - positive, positive], 1)}

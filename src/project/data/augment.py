@@ -1,5 +1,7 @@
 """Augmentations applied to a whole batch at once, on whichever device the batch is on."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,3 +23,22 @@ def random_hflip(x: torch.Tensor) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
     flip = torch.rand(x.shape[0], device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_erasing(x: torch.Tensor, p: float, scale=(0.02, 0.33), ratio=(0.3, 3.3)) -> torch.Tensor:
+    """With probability ``p`` per image, set a random rectangle of ``scale`` of its area and aspect ``ratio`` to 0 (the
+    mean, on normalised images), as torchvision's ``RandomErasing``; one box per image (torchvision's draws one box for
+    the whole batch), as masks instead of a loop over images."""
+    n, _, h, w = x.shape
+    area = torch.empty(n, device=x.device).uniform_(*scale) * (h * w)
+    aspect = torch.empty(n, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    height = (area * aspect).sqrt().round().clamp(1, h)
+    width = (area / aspect).sqrt().round().clamp(1, w)
+    top = (torch.rand(n, device=x.device) * (h - height + 1)).floor()
+    left = (torch.rand(n, device=x.device) * (w - width + 1)).floor()
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    inside_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])
+    inside_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])
+    box = inside_rows[:, :, None] & inside_cols[:, None, :] & (torch.rand(n, device=x.device) < p)[:, None, None]
+    return x.masked_fill(box[:, None], 0.0)

@@ -8,7 +8,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from project.data import folder as folders
 from project.data import registry
-from project.data.augment import random_crop, random_hflip
+from project.data.augment import random_crop, random_erasing, random_hflip
 from project.data.sets import Tensors
 from project.errors import ConfigError, DataError
 
@@ -76,6 +76,11 @@ class ImageDataModule(LightningDataModule):
     A folder larger than ``in_memory_max_mb`` decoded is read from disk by ``num_workers`` workers (see
     :mod:`project.data.folder`).
 
+    Training batches can also be regularised as a whole on the device: ``random_erasing`` (the probability that an
+    image gets a box of zeros), and mixup and cutmix (torchvision's ``MixUp`` and ``CutMix``, Beta(``alpha``, ``alpha``)
+    mixing, one of the two at random per batch when both are on), which turn the labels into soft targets
+    ``(N, num_classes)``. All off at 0.
+
     ``predict`` labels the test set, or with ``predict_files`` (files, folders, glob patterns) those images, resized
     to the training size. Batches reach the device as ``uint8``; augmentation (``crop_padding``, ``hflip``) and
     normalisation run there on the whole batch. ``positive_class`` turns the task into one-vs-rest binary
@@ -104,6 +109,9 @@ class ImageDataModule(LightningDataModule):
         test_size: int | float = 0.1,
         in_memory_max_mb: int = 2048,
         predict_files: str | list[str] | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        random_erasing: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -119,6 +127,9 @@ class ImageDataModule(LightningDataModule):
                     f"data.{key}={size} cannot split the train set: give a count of images (1 or more) "
                     "or a fraction between 0 and 1."
                 )
+        if min(mixup_alpha, cutmix_alpha) < 0 or not 0 <= random_erasing <= 1:
+            raise ConfigError("data.mixup_alpha and data.cutmix_alpha cannot be negative; data.random_erasing is a "
+                              "probability, in [0, 1].")  # fmt: skip
         if min(_size(image_size)) < 1:
             raise ConfigError(f"data.image_size={image_size}: give a size of 1 pixel or more (an int, or [H, W]).")
         if dataset != "folder" and folder is not None:
@@ -134,6 +145,11 @@ class ImageDataModule(LightningDataModule):
             raise ConfigError(
                 f"data.positive_class={positive_class} is not a class of {self.title} (0..{len(self.all_classes) - 1})."
             )
+        from torchvision.transforms import v2
+
+        mixes = [mix(alpha=alpha, num_classes=self.num_classes)
+                 for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]  # fmt: skip
+        self.mix = v2.RandomChoice(mixes) if len(mixes) == 2 else mixes[0] if mixes else None
         # the run's seed (seed_everything has set it by now): another seed, another order
         self.shuffle_seed = torch.initial_seed()
         self.train_set = self.val_set = self.test_set = self.predict_set = None
@@ -304,12 +320,18 @@ class ImageDataModule(LightningDataModule):
         if not isinstance(batch, tuple | list):  # the model summary's example input, already a float image
             return batch
         x, y = batch
-        if self.trainer is not None and self.trainer.training:
-            if self.hparams.crop_padding:
-                x = random_crop(x, self.hparams.crop_padding)
-            if self.hparams.hflip:
-                x = random_hflip(x)
-        return self.normalize(x), y
+        if self.trainer is None or not self.trainer.training:
+            return self.normalize(x), y
+        if self.hparams.crop_padding:
+            x = random_crop(x, self.hparams.crop_padding)
+        if self.hparams.hflip:
+            x = random_hflip(x)
+        x = self.normalize(x)
+        if self.hparams.random_erasing:
+            x = random_erasing(x, self.hparams.random_erasing)
+        if self.mix is not None:
+            x, y = self.mix(x, y)
+        return x, y
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``uint8`` images to floats with the training data's mean 0 and std 1 per channel."""
