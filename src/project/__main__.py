@@ -18,6 +18,8 @@ COMMANDS = {
     "resume": ("project.cli", "continue an interrupted run: resume logs/<name>/version_<n> [--KEY VALUE ...]"),
     "compare": ("project.compare", "train configs (or an experiment directory) side by side: table + curves"),
     "lr-plot": ("project.lr_plot", "plot a config's learning-rate schedule without training"),
+    "lr-find": ("project.tune", "Lightning's learning-rate finder on a config: plot, and a config with the rate"),
+    "batch-size-find": ("project.tune", "Lightning's batch-size finder on a config: a config with the batch size"),
     "search": ("project.search", "hyperparameter search with Optuna; every trial a normal run, the study resumable"),
     "export": ("project.export", "a run's best checkpoint to ONNX and torch.export (.pt2), checked against PyTorch"),
 }
@@ -27,7 +29,7 @@ HELP = (
     "Train, compare and ship image classifiers (MNIST, Fashion-MNIST, CIFAR-10) with PyTorch Lightning.\n"
     "With no --config, fit/validate/test/predict run configs/default.yaml; --config files and --KEY VALUE\n"
     "flags stack on top of it.\n\ncommands:\n"
-    + "".join(f"  {name:<9} {text}\n" for name, (_, text) in COMMANDS.items())
+    + "".join(f"  {name:<15} {text}\n" for name, (_, text) in COMMANDS.items())
     + "\nEach command takes --help, e.g.  python -m project fit --help\n"
     "Train the default config:        python -m project fit\n"
 )

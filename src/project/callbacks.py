@@ -265,14 +265,21 @@ class EMA(_AveragedFromFirstUpdate, EMAWeightAveraging):
 
 
 class SWA(_AveragedFromFirstUpdate, WeightAveraging):
-    """Stochastic weight averaging: the equal average of the weights (and BatchNorm statistics) at the end of each epoch
-    from ``start_epoch`` on (counted from 0), used like :class:`EMA`'s. Lightning's ``StochasticWeightAveraging``
-    callback also changes the learning rate and swaps the average in only when training ends; this one leaves the
-    schedule to the configured scheduler and validates and checkpoints the average."""
+    """Stochastic weight averaging: the equal average of the weights (and BatchNorm statistics) at the end of each
+    epoch's training from ``start_epoch`` on (counted from 0), used like :class:`EMA`'s. Taken at the epoch's last
+    batch, before its validation, so the average that is validated and checkpointed includes that epoch. Lightning's
+    ``StochasticWeightAveraging`` callback also changes the learning rate and swaps the average in only when training
+    ends; this one leaves the schedule to the configured scheduler."""
 
     def __init__(self, start_epoch: int):
         super().__init__()
         self.start_epoch = start_epoch
 
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        last = batch_idx + 1 == trainer.num_training_batches
+        if last and trainer.current_epoch >= self.start_epoch and trainer.global_step > self._latest_update_step:
+            self._average_model.update_parameters(pl_module)
+            self._latest_update_step = trainer.global_step
+
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        return epoch_idx is not None and epoch_idx >= self.start_epoch
+        return False  # Lightning's per-step and end-of-epoch updates: replaced by the one above

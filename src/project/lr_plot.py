@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from project.experiments import variants
+from project.experiments import config_stems, variants
 
 
 def schedule(config_args: list[str]) -> tuple[list[float], list[float]]:
@@ -68,9 +68,7 @@ def main(argv: list[str]) -> None:
         curves = {name: schedule([*stack, *rest]) for name, stack in variants(experiment).items()}
         out, title = args.out or Path("logs/experiments") / experiment.name / "lr.png", experiment.name
     else:
-        following = [*rest[1:], ""]
-        configs = [Path(a.split("=", 1)[1] if "=" in a else b).stem
-                   for a, b in zip(rest, following, strict=True) if a.split("=")[0] in ("--config", "-c")]  # fmt: skip
+        configs = config_stems(rest)
         name = configs[-1] if configs else "default"
         curves = {name: schedule(rest)}
         out, title = args.out or Path("logs/lr-plot") / f"{name}.png", " + ".join(["default", *configs])

@@ -1,0 +1,242 @@
+"""Training tricks: EMA and SWA weights, label smoothing, mixup and cutmix, random erasing, test-time augmentation,
+the learning-rate and batch-size finders, and compare --seeds."""
+
+import copy
+import csv
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import ROOT, TINY, cli, fit_args, forked, invoke
+
+from project.data import ImageDataModule
+from project.data.augment import random_erasing
+from project.errors import ConfigError
+from project.models import ConvNet
+from project.module import ImageClassifier
+
+PNG = b"\x89PNG"
+
+
+def run_dir(tmp_path, version: int = 0):
+    return tmp_path / "logs" / "fashion_mnist_cnn" / f"version_{version}"
+
+
+def ema_args(decay: float = 0.9) -> str:
+    return "--trainer.callbacks+=" + json.dumps(
+        {"class_path": "project.callbacks.EMA", "init_args": {"decay": decay, "warmup": False}}
+    )
+
+
+def test_ema_weights_differ_from_the_raw_ones_and_are_the_ones_saved_and_tested(tmp_path, fashion_dir):
+    c = cli(fit_args(tmp_path, fashion_dir, ema_args(), "--trainer.max_epochs=2"))
+    ckpt = torch.load(run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)
+    average, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    weight = "net.head.1.weight"
+    assert not torch.equal(average[weight], raw[weight])
+    (ema,) = [cb for cb in c.trainer.callbacks if type(cb).__name__ == "EMA"]
+    assert torch.equal(ema._average_model.module.state_dict()[weight], average[weight])
+    # 8 steps (2 epochs of 4) with decay 0.9: the first copies, each later one moves 10% towards the weights
+    assert ckpt["averaging_state"]["n_averaged"].item() == 8
+    # fit's test after training evaluated the best checkpoint's average, as a test of that checkpoint does
+    best = next((run_dir(tmp_path) / "checkpoints").glob("best-*.ckpt"))
+    tested = c.trainer.callback_metrics["test/loss"].item()
+    result = invoke(["test", *fit_args(tmp_path, fashion_dir, ema_args())[1:], f"--ckpt_path={best}"])
+    assert result.returncode == 0 and "WeightAveraging" not in result.stderr  # no warning about loading outside fit
+    assert float(re.search(r"test/loss\s*│\s*([0-9.]+)", result.stdout).group(1)) == pytest.approx(tested, rel=1e-5)
+    raw = classifier_like(c.model, ckpt["current_model_state"])
+    assert not torch.equal(raw.state_dict()[weight], c.model.state_dict()[weight])
+
+
+def test_ema_resumes_to_the_same_average(tmp_path, fashion_dir):
+    straight = tmp_path / "straight"
+    # no one-cycle: its length is the first run's, which the resumed run extends
+    cli(fit_args(straight, fashion_dir, ema_args(), "--trainer.max_epochs=2", "--model.scheduler=null"))
+    first = fit_args(tmp_path, fashion_dir, ema_args(), "--trainer.max_epochs=1", "--model.scheduler=null")
+    assert invoke(first).returncode == 0
+    result = invoke(["resume", str(run_dir(tmp_path)), "--trainer.max_epochs=2"])
+    assert result.returncode == 0, result.stderr
+    a = torch.load(run_dir(straight) / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)
+    for key in ("state_dict", "current_model_state"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def classifier_like(model: ImageClassifier, state: dict) -> ImageClassifier:
+    other = copy.deepcopy(model)
+    other.load_state_dict(state)
+    return other
+
+
+def test_swa_averages_epoch_ends_from_its_start_epoch(tmp_path, fashion_dir):
+    swa = json.dumps({"class_path": "project.callbacks.SWA", "init_args": {"start_epoch": 1}})
+    cli(fit_args(tmp_path, fashion_dir, f"--trainer.callbacks+={swa}", "--trainer.max_epochs=3"))
+    ckpt = torch.load(run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["averaging_state"]["n_averaged"].item() == 2  # the ends of epochs 1 and 2, before their validation
+    assert not torch.equal(ckpt["state_dict"]["net.head.1.weight"], ckpt["current_model_state"]["net.head.1.weight"])
+    # epoch 0 was validated and saved with the weights themselves (no average yet); from epoch 1 on, the average
+    best = torch.load(next((run_dir(tmp_path) / "checkpoints").glob("best-*.ckpt")), weights_only=True)
+    assert ("current_model_state" in best) == (best["epoch"] >= 1)
+
+
+def classifier(**kwargs) -> ImageClassifier:
+    kwargs = {"scheduler": None, "scheduler_interval": "epoch", "in_shape": (1, 8, 8), "num_classes": 10,
+              "channels_last": False, **kwargs}  # fmt: skip
+    torch.manual_seed(0)
+    return ImageClassifier(lambda s, n: ConvNet(s, n, widths=[4]), lambda p: torch.optim.SGD(p, lr=0.1), **kwargs)
+
+
+def test_label_smoothing_is_the_training_loss_only():
+    model = classifier(label_smoothing=0.1)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    logits = model(x)
+    smoothed = model._step((x, y), smoothing=0.1)[0]
+    log_p = logits.log_softmax(1)
+    expected = (0.9 * -log_p.gather(1, y[:, None]).squeeze(1) - 0.1 * log_p.mean(1)).mean()
+    assert torch.allclose(smoothed, expected) and torch.allclose(model._step((x, y))[0], F.cross_entropy(logits, y))
+    binary = classifier(num_classes=2)
+    z = binary(x).squeeze(1)
+    target = y.remainder(2).float()
+    assert torch.allclose(binary._step((x, y.remainder(2)), smoothing=0.2)[0],
+                          F.binary_cross_entropy_with_logits(z, target * 0.8 + 0.1))  # fmt: skip
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        classifier(label_smoothing=1.0)
+
+
+def training_batch(dm: ImageDataModule, n: int = 64):
+    dm.trainer = SimpleNamespace(training=True)
+    x, y = dm.train_set.__getitems__(torch.arange(n))
+    return dm.on_after_batch_transfer((x, y), 0)
+
+
+@pytest.mark.parametrize("mix", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}], ids=["mixup", "cutmix"])
+def test_mixed_targets_sum_to_one_and_accuracy_counts_their_shares(fashion_dir, mix):
+    dm = ImageDataModule("fashion_mnist", 64, str(fashion_dir), **mix)
+    dm.setup("fit")
+    torch.manual_seed(1)
+    x, y = training_batch(dm)
+    labels = dm.train_set.y[:64]
+    assert y.shape == (64, 10) and torch.allclose(y.sum(1), torch.ones(64))
+    # each image's target is its own label and its partner's (the batch rolled by one), one weight for the batch
+    own = y.gather(1, labels[:, None]).squeeze(1)
+    partner = y.gather(1, labels.roll(1)[:, None]).squeeze(1)
+    same = labels == labels.roll(1)
+    assert torch.allclose(own[~same] + partner[~same], torch.ones(int((~same).sum())))
+    assert len(set(own[~same].round(decimals=5).tolist())) == 1 and 0 < own[~same][0] < 1
+    # train/acc: an image counts by the share its target gives the predicted class
+    model = classifier(in_shape=(1, 28, 28))
+    model._trainer = SimpleNamespace(_logger_connector=SimpleNamespace(should_update_logs=False))
+    model.training_step((x, y), 0)
+    predictions = model(x).argmax(1)
+    assert torch.allclose(model.train_hits, y.gather(1, predictions[:, None]).sum())
+
+
+def test_random_erasing_boxes():
+    torch.manual_seed(0)
+    x = torch.ones(500, 1, 28, 28)
+    assert torch.equal(random_erasing(x, 0.0), x)
+    erased = random_erasing(x, 1.0)
+    zeros = erased == 0
+    assert zeros.flatten(1).any(1).all()  # every image has a box
+    for image in zeros[:50, 0]:  # one rectangle: its rows and columns span exactly the zeros
+        rows, cols = image.any(1).nonzero().flatten(), image.any(0).nonzero().flatten()
+        assert image.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    area = zeros.flatten(1).float().mean(1)
+    assert area.min() > 0.01 and area.max() < 0.4 and len(set(area.tolist())) > 20  # a box per image
+    half = random_erasing(x, 0.5)
+    assert 0.4 < (half == 0).flatten(1).any(1).float().mean() < 0.6
+
+
+def test_tta_on_a_symmetric_input_equals_no_tta():
+    x = torch.randn(4, 1, 8, 8)
+    symmetric = (x + x.flip(3)) / 2
+    plain, flip = classifier().eval(), classifier(tta="flip").eval()
+    with torch.no_grad():
+        assert torch.allclose(flip.tta_logits(symmetric), plain.tta_logits(symmetric), atol=1e-6)
+        assert not torch.allclose(flip.tta_logits(x), plain.tta_logits(x), atol=1e-4)
+        both = classifier(tta="flip_translate").eval().tta_logits(x)
+    assert both.shape == (4, 10) and not torch.allclose(both, flip.tta_logits(x))
+
+
+def test_tta_runs_in_test_and_predict(tmp_path, fashion_dir):
+    args = fit_args(tmp_path, fashion_dir, "--model.tta=flip_translate")
+    assert invoke(args).returncode == 0
+    predict = ["predict", *args[1:], "--ckpt_path=best", "--trainer.limit_predict_batches=1"]
+    assert invoke(predict).returncode == 0
+    with open(run_dir(tmp_path) / "predict_0" / "predictions.csv") as f:
+        assert len(list(csv.DictReader(f))) == 100
+
+
+def test_every_trick_together_trains(tmp_path, fashion_dir):
+    tricks = [f"--config={ROOT / 'configs/tricks' / name}.yaml"
+              for name in ("ema", "swa", "label_smoothing", "mixup_cutmix", "random_erasing", "tta")]  # fmt: skip
+    result = invoke([*fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=2"), *tricks])
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((run_dir(tmp_path) / "config.yaml").read_text())
+    names = [c["class_path"].split(".")[-1] for c in config["trainer"]["callbacks"]]
+    assert {"EMA", "SWA"} <= set(names) and config["data"]["mixup_alpha"] == 0.2 and config["model"]["tta"] != "none"
+
+
+@pytest.mark.slow
+def test_lr_find_and_batch_size_find_write_configs_that_fit_accepts(tmp_path, fashion_dir):
+    base = [f"--data.data_dir={fashion_dir}", "--trainer.accelerator=cpu", "--data.batch_size=32"]
+    out = tmp_path / "lr.yaml"
+    result = invoke(["lr-find", *base, "--steps=40", "--min_lr=1e-5", "--max_lr=1", f"--out={out}"])
+    assert result.returncode == 0, result.stderr
+    found = yaml.safe_load(out.read_text())
+    lr = found["model"]["optimizer"]["init_args"]["lr"]
+    assert 1e-5 < lr < 1 and found["model"]["scheduler"]["init_args"]["max_lr"] == lr  # one-cycle: its max_lr too
+    assert out.with_suffix(".png").read_bytes().startswith(PNG) and f"Wrote {out}" in result.stdout
+    bs = tmp_path / "bs.yaml"
+    result = invoke(["batch-size-find", *base, "--max_trials=2", f"--out={bs}"])
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(bs.read_text()) == {"data": {"batch_size": 64}}  # 32, then 64
+    assert not (tmp_path / "logs").exists()  # neither wrote a run
+    fit = fit_args(tmp_path, fashion_dir, f"--config={out}", f"--config={bs}")
+    fit.remove("--data.batch_size=32")
+    assert invoke(fit).returncode == 0
+    config = yaml.safe_load((run_dir(tmp_path) / "config.yaml").read_text())
+    assert config["model"]["optimizer"]["init_args"]["lr"] == lr and config["data"]["batch_size"] == 64
+
+
+def test_tuners_refuse_bad_ranges(fashion_dir):
+    for args, expected in ((["lr-find", "--min_lr=1", "--max_lr=0.1"], "0 < --min_lr < --max_lr"),
+                           (["batch-size-find", "--max_trials=0"], "--max_trials of 1 or more")):  # fmt: skip
+        result = invoke([*args, f"--data.data_dir={fashion_dir}"])
+        assert result.returncode == 2 and expected in result.stderr
+
+
+@pytest.mark.slow
+def test_compare_with_seeds_gives_spread_intervals_and_a_test(tmp_path, fashion_dir):
+    experiment = tmp_path / "tiny"
+    experiment.mkdir()
+    (experiment / "base.yaml").write_text(f"data:\n  data_dir: {fashion_dir}\n")
+    (experiment / "mlp.yaml").write_text("model:\n  net:\n    class_path: project.models.MLP\n")
+    (experiment / "linear.yaml").write_text("model:\n  net:\n    class_path: project.models.SoftmaxRegression\n")
+    logs = tmp_path / "logs"
+    args = ["compare", str(experiment), f"--logs={logs}", "--seeds=3", "--", *TINY, "--trainer.max_epochs=2"]
+    result = forked(args, tmp_path / "compare.log")
+    assert result.returncode == 0, result.stdout[-3000:]
+    for variant in ("mlp", "linear"):
+        seeds = sorted(p.name for p in (logs / "tiny" / variant).iterdir())
+        assert seeds == ["seed_0", "seed_1", "seed_2"]
+        configs = [yaml.safe_load((logs / "tiny" / variant / s / "version_0" / "config.yaml").read_text())
+                   for s in seeds]  # fmt: skip
+        assert [c["seed_everything"] for c in configs] == [0, 1, 2]
+    with open(logs / "tiny" / "comparison.csv") as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    for row in rows.values():
+        mean, sd = map(float, row["test acc"].split(" +- "))
+        low, high = map(float, row["test acc 95% CI"].strip("[]").split(", "))
+        # t(0.975, 2 degrees of freedom) = 4.303
+        assert low < mean < high and high - mean == pytest.approx(4.303 * sd / 3**0.5, abs=2e-4)
+        assert row["seeds ok"] == "3"
+    assert sorted(r["p vs best (Welch)"] == "best" for r in rows.values()) == [False, True]
+    other = next(r for r in rows.values() if r["p vs best (Welch)"] != "best")
+    assert 0 <= float(other["p vs best (Welch)"]) <= 1
+    assert "Welch" in (logs / "tiny" / "comparison.md").read_text()
+    assert (logs / "tiny" / "curves.png").read_bytes().startswith(PNG)
