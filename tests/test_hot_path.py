@@ -41,14 +41,21 @@ def plain_loop_reads(fashion_dir, steps: int, positive_class: int | None) -> lis
     return [b - a for a, b in itertools.pairwise(starts)]
 
 
-@pytest.mark.parametrize("positive_class", [None, 9], ids=["multiclass", "binary"])
-def test_a_training_step_reads_back_no_more_than_a_plain_loop(tmp_path, fashion_dir, positive_class):
+# the tricks that run every step: an EMA update, random erasing, label smoothing (mixup and cutmix draw their mixing
+# weight on the CPU, a read there but no GPU sync)
+TRICKS = ["--trainer.callbacks+=project.callbacks.EMA", "--data.random_erasing=0.5", "--model.label_smoothing=0.1"]
+
+
+@pytest.mark.parametrize(
+    ("positive_class", "tricks"), [(None, []), (9, []), (None, TRICKS)], ids=["multiclass", "binary", "tricks"]
+)
+def test_a_training_step_reads_back_no_more_than_a_plain_loop(tmp_path, fashion_dir, positive_class, tricks):
     out = tmp_path / "reads.json"
     counter = json.dumps({"class_path": "helpers.CountReads", "init_args": {"path": str(out)}})
     # no logging step among the 12 counted (log_every_n_steps=1000); the progress bar on, as users run it
     cli(fit_args(tmp_path, fashion_dir, "--trainer.limit_train_batches=14", "--trainer.log_every_n_steps=1000",
                  "--trainer.enable_progress_bar=true", f"--trainer.callbacks+={counter}",
-                 f"--data.positive_class={json.dumps(positive_class)}"))  # fmt: skip
+                 f"--data.positive_class={json.dumps(positive_class)}", *tricks))  # fmt: skip
     template = json.loads(out.read_text())["steps"][1:]  # whole steps, from one batch's start to the next's
     plain = plain_loop_reads(fashion_dir, 14, positive_class)[1:]
     assert len(template) == 12 and template == plain, (template, plain, json.loads(out.read_text())["sample"])
