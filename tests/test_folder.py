@@ -33,7 +33,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_class_folders_split_by_seeded_fractions(image_folder, tmp_path):
     dm = folder_data(image_folder, tmp_path)
     assert dm.classes == CLASSES and dm.shape == (3, 28, 28) and dm.num_classes == 3
-    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (240, 30, 30)
+    # fractions of the folder by each file's path: about 10% each (binomial: 30 +- 5)
+    sizes = (len(dm.train_set), len(dm.val_set), len(dm.test_set))
+    assert sum(sizes) == 300 and 15 <= sizes[1] <= 45 and 15 <= sizes[2] <= 45
     assert dm.train_set.x.dtype == torch.uint8 and dm.train_set.x.shape[1:] == (3, 28, 28)
     # the three splits partition the 300 images
     keys = [{bytes(x.numpy()) for x in s.x} for s in (dm.train_set, dm.val_set, dm.test_set)]
@@ -45,6 +47,26 @@ def test_class_folders_split_by_seeded_fractions(image_folder, tmp_path):
     pixels = dm.train_set.x.double().div(255).transpose(0, 1).flatten(1)
     assert torch.allclose(torch.tensor(dm.mean, dtype=torch.float64), pixels.mean(1), atol=1e-6)
     assert torch.allclose(torch.tensor(dm.std, dtype=torch.float64), pixels.std(1, correction=0), atol=1e-6)
+
+
+def test_a_changed_folder_moves_no_image_between_splits(fashion_dir, tmp_path):
+    root = write_image_folder(tmp_path / "images", fashion_dir, 60)
+
+    def splits() -> dict[str, set[bytes]]:
+        dm = folder_data(root, tmp_path / "cache", val_size=0.2, test_size=0.2, image_size=12)
+        return {name: {bytes(x.numpy()) for x in getattr(dm, f"{name}_set").x} for name in ("train", "val", "test")}
+
+    before = splits()
+    for name in ("0001.png", "0002.png", "0007.png"):  # three removed, ten added
+        (root / "bag" / name).unlink()
+    write_image_folder(tmp_path / "more", fashion_dir, 70)
+    for i in range(60, 70):
+        shutil.copy(next((tmp_path / "more" / "sneaker").glob(f"{i:04d}.*")), root / "sneaker" / f"new{i}.png")
+    after = splits()
+    for name, images in before.items():
+        for other in ("train", "val", "test"):
+            if other != name:
+                assert not images & after[other], (name, other)
 
 
 def test_train_val_test_folders_are_the_splits(fashion_dir, tmp_path):
@@ -87,7 +109,8 @@ def test_cache_is_used_until_a_file_changes(fashion_dir, tmp_path, monkeypatch):
     shutil.copy(tmp_path / "other" / "trouser" / "0019.png", path)  # same name, other content
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     changed = folder_data(root, tmp_path / "cache")
-    assert decoded == [60, 61, 61] and not torch.equal(changed.train_set.x.sum(), first.train_set.x.sum())
+    total = [sum(int(s.x.long().sum()) for s in (d.train_set, d.val_set, d.test_set)) for d in (grown, changed)]
+    assert decoded == [60, 61, 61] and total[0] != total[1]
     # another size or channel count is another cache, and a damaged cache file is rebuilt, not trusted
     folder_data(root, tmp_path / "cache", image_size=24)
     assert decoded[-1] == 61 and len(decoded) == 4

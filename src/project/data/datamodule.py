@@ -1,3 +1,4 @@
+import hashlib
 import sys
 from collections.abc import Iterator
 from typing import Literal
@@ -59,6 +60,11 @@ def task(
         return (channels, *_size(image_size)), 2 if positive_class is not None else len(folders.classes_of(folder))
     info = registry.DATASETS[dataset]
     return info.shape, 2 if positive_class is not None else len(info.classes)
+
+
+def _key(seed: int, path) -> float:
+    """A number in [0, 1) drawn from a seed and a path alone."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{path}".encode()).digest()[:8], "big") / 2**64
 
 
 def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,12 +218,25 @@ class ImageDataModule(LightningDataModule):
     def _relabel(self, x, y: torch.Tensor) -> tuple:
         return x, y if self.hparams.positive_class is None else (y == self.hparams.positive_class).long()
 
-    def _split(self, pool, val=None, test=None, carve_test: bool = False) -> tuple:
+    def _split(self, pool, val=None, test=None, carve_test: bool = False, keys: torch.Tensor | None = None) -> tuple:
         """Train, validation and (with ``carve_test``) test sets: the ones a split folder gave (``val``, ``test``),
-        the rest carved from the train pool in an order seeded by ``split_seed``. Keeps the pool indices that train
-        in ``_train_index``."""
+        the rest carved from the train pool in an order seeded by ``split_seed``, or by the pool's ``keys`` (numbers
+        in [0, 1), one per image): fractions then take the images whose keys fall in [0, val_size) and
+        [val_size, val_size + test_size). Keeps the pool indices that train in ``_train_index``."""
         n = len(pool)
         n_val, n_test = self._carve(n, val is not None, not carve_test)
+        if keys is None:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
+        else:
+            order = keys.argsort()
+            fractions = [s for own, s in ((val is not None, self.hparams.val_size), (not carve_test,
+                         self.hparams.test_size)) if not own]  # fmt: skip
+            if all(isinstance(s, float) for s in fractions):
+                low, counts = 0.0, []
+                for own, size in ((val is not None, self.hparams.val_size), (not carve_test, self.hparams.test_size)):
+                    counts.append(0 if own else int(((keys >= low) & (keys < low + size)).sum()))
+                    low += 0 if own else size
+                n_val, n_test = counts
         sizes = f"data.val_size={self.hparams.val_size}" + (
             f" and data.test_size={self.hparams.test_size} leave" if carve_test else " leaves"
         )
@@ -230,7 +249,6 @@ class ImageDataModule(LightningDataModule):
                 f"data.batch_size={self.hparams.batch_size} is more than the {n - n_val - n_test} training images that "
                 f"{sizes} of the {self.title} train set: no batch would train. Lower one."
             )
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
         self._train_index = order[n_val + n_test :]
         if val is None:
             val = pool.subset(order[:n_val])
@@ -244,8 +262,12 @@ class ImageDataModule(LightningDataModule):
         for split in data.sets.values():
             split.y = self._relabel(None, split.y)[1]
         test = data.sets.get("test")
+        # each image's place in the carving order from its path alone: adding or removing files moves no other image
+        # between the splits (with fractions), so a run's test images stay out of a later run's training
+        keys = torch.tensor([_key(h.split_seed, p.relative_to(data.layout.root)) for p in data.paths["train"]],
+                            dtype=torch.float64)  # fmt: skip
         self.train_set, self.val_set, self.test_set = self._split(
-            data.sets["train"], data.sets.get("val"), test, carve_test=test is None
+            data.sets["train"], data.sets.get("val"), test, carve_test=test is None, keys=keys
         )
         for name, split in (("validation", self.val_set), ("test", self.test_set)):
             if not len(split):

@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from project.checkpoint import Interrupted, StopSignals
 from project.data.sets import Files, Tensors, decode
 from project.errors import DataError
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-SPLITS = ("train", "val", "test")
-_CACHE_VERSION = 1  # bump when what the cache holds changes
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+# the names a split folder may have beside train/
+SPLITS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+_CACHE_VERSION = 2  # bump when what the cache holds, or how an image is decoded, changes
 
 
 @dataclass(frozen=True)
@@ -34,18 +36,22 @@ class Layout:
     root: Path
     classes: tuple[str, ...]
     splits: dict[str, tuple[list[Path], list[int]]]
-    ignored: int  # files that are not images by their suffix
+    ignored: list[Path]  # files that are not images by their suffix
 
 
 def _class_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images(path: Path) -> tuple[list[Path], int]:
-    """The image files under ``path`` (any depth, by suffix, sorted), and how many other files there are."""
-    files = [Path(d) / f for d, dirs, names in os.walk(path) for f in names if not f.startswith(".")]
+def _images(path: Path) -> tuple[list[Path], list[Path]]:
+    """The image files under ``path`` (any depth, by suffix, sorted; hidden files and folders left out), and the other
+    files."""
+    files = []
+    for directory, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(directory) / f for f in names if not f.startswith(".")]
     images = sorted(f for f in files if f.suffix.lower() in SUFFIXES)
-    return images, len(files) - len(images)
+    return images, sorted(f for f in files if f.suffix.lower() not in SUFFIXES)
 
 
 def classes_of(root: str | Path) -> tuple[str, ...]:
@@ -69,11 +75,19 @@ def scan(root: str | Path) -> Layout:
     """Every image of the folder with its class, per split folder; one DataError for a layout that cannot train."""
     root = Path(root)
     classes = classes_of(root)
-    has_splits = (root / "train").is_dir()
-    splits, ignored = {}, 0
-    for split in SPLITS if has_splits else ("train",):
-        base = root / split if has_splits else root
-        if not base.is_dir():
+    found = {split: next((root / n for n in names if (root / n).is_dir()), None) for split, names in SPLITS.items()}
+    if found["train"] is None:
+        found = {"train": root}
+    else:
+        known = {p for p in found.values() if p is not None}
+        if others := [d.name for d in _class_dirs(root) if d not in known]:
+            raise DataError(
+                f"data.folder {root} has train/ and also {', '.join(others)}/: beside train/, a folder holds only val/ "
+                "(or valid/, validation/) and test/ (or testing/). Move or rename the others."
+            )
+    splits, ignored = {}, []
+    for split, base in found.items():
+        if base is None:
             continue
         files, labels = [], []
         for class_dir in _class_dirs(base):
@@ -126,6 +140,8 @@ def decode_all(
     loader = DataLoader(_Decoded(files, size, channels), batch_size=64, num_workers=num_workers, collate_fn=_as_list)
     i = 0
     for batch in loader:
+        if StopSignals.signum is not None:  # Ctrl+C: a large folder takes minutes; nothing is cached
+            raise Interrupted(StopSignals.signum, "Stopped while decoding the images; nothing was written.")
         for image in batch:
             if image is not None:
                 ok[i] = True
@@ -153,6 +169,7 @@ class FolderImages:
     layout: Layout
     sets: dict[str, Tensors | Files]
     sums: dict[str, torch.Tensor]  # split -> (N, 2, channels) sum and sum of squares per image
+    paths: dict[str, list[Path]]  # split -> each image's file, in the set's order
     skipped: list[Path]
 
 
@@ -165,7 +182,9 @@ def cache(
     files = [f for fs, _ in layout.splits.values() for f in fs]
     in_memory = len(files) * channels * size[0] * size[1] <= in_memory_max_mb * 2**20
     key = _listing_key(layout, size, channels)
-    path = Path(cache_dir) / "folders" / f"{layout.root.resolve().name}-{key[:16]}-{'mem' if in_memory else 'disk'}.pt"
+    # one cache file per folder, size, channels and kind: a changed folder's replaces its earlier one
+    which = hashlib.sha256(f"{layout.root.resolve()} {size} {channels} {in_memory}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "folders" / f"{layout.root.resolve().name}-{which}.pt"
     cached = _read_cache(path, key)
     if cached is None:
         images, sums, ok = decode_all(files, size, channels, workers, keep=in_memory)
@@ -183,7 +202,7 @@ def load(
     labels = torch.tensor([label for _, ls in layout.splits.values() for label in ls], dtype=torch.int64)
     ok = cached["ok"]
     skipped = [f for f, good in zip(files, ok.tolist(), strict=True) if not good]
-    sets, sums, start = {}, {}, 0
+    sets, sums, paths, start = {}, {}, {}, 0
     for split, (split_files, _) in layout.splits.items():
         span = torch.arange(start, start + len(split_files))
         start += len(split_files)
@@ -195,6 +214,11 @@ def load(
         else:
             sets[split] = Files([files[i] for i in span.tolist()], labels[span], size, channels)
         sums[split] = cached["sums"][span]
+        paths[split] = [files[i] for i in span.tolist()]
+    if layout.ignored and _first_process():
+        kinds = sorted({f.suffix.lower() or f.name for f in layout.ignored})
+        print(f"note: ignored {len(layout.ignored)} files of {layout.root} that are not images by their suffix "
+              f"({', '.join(kinds[:8])}); images are {', '.join(SUFFIXES)}.", file=sys.stderr)  # fmt: skip
     if skipped and _first_process():
         names = ", ".join(str(f) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         print(
@@ -202,7 +226,7 @@ def load(
             f"as images: {names}",
             file=sys.stderr,
         )
-    return FolderImages(layout, sets, sums, skipped)
+    return FolderImages(layout, sets, sums, paths, skipped)
 
 
 def _check_classes(layout: Layout, labels: torch.Tensor, skipped: list[Path]) -> None:

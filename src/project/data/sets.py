@@ -32,18 +32,28 @@ class Tensors(Dataset):
 
 
 def decode(path: Path, size: tuple[int, int], channels: int) -> torch.Tensor:
-    """One image file as ``uint8 (channels, *size)``; raises DataError if torchvision cannot decode it."""
+    """One image file as ``uint8 (channels, *size)``: turned upright as its EXIF orientation says (phone photos), 16-bit
+    scaled to 8, the first frame of an animation, converted to the channels (WebP and GIF decode to RGB whatever is
+    asked), resized with antialiased bilinear interpolation. Raises DataError if torchvision cannot decode it."""
     from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import resize
+    from torchvision.transforms.v2.functional import resize, rgb_to_grayscale, to_dtype
 
     try:
         data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-        image = decode_image(data, mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        image = decode_image(data, mode=mode, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as err:  # torchvision's decoders raise these for a file they cannot read
         raise DataError(f"{path} is not an image torchvision can decode ({' '.join(str(err).split())}).") from None
+    if image.ndim == 4:  # an animated GIF: its frames
+        image = image[0]
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = to_dtype(image, torch.uint8, scale=True)
+    if image.shape[0] != channels:
+        rgb = image[:3] if image.shape[0] >= 3 else image[:1].expand(3, -1, -1)
+        image = rgb_to_grayscale(rgb) if channels == 1 else rgb
     if tuple(image.shape[1:]) != tuple(size):
         image = resize(image, list(size), antialias=True)
-    return image
+    return image.contiguous()
 
 
 class Files(Dataset):
