@@ -142,7 +142,7 @@ def test_a_checkpoint_of_other_data_is_refused(tmp_path, fashion_dir):
     assert invoke(binary).returncode == 0
     last = run_dir(tmp_path, "binary") / "checkpoints" / "last.ckpt"
     message = one_paragraph(invoke([*eval_args(tmp_path, fashion_dir, "test"), f"--ckpt_path={last}"]), 2)
-    assert "the checkpoint was trained with num_classes=2, and the config's data gives 10" in message
+    assert f"{last} was trained with num_classes=2, and the config's data gives 10" in message
 
 
 class WrongShape(torch.nn.Module):

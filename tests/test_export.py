@@ -45,7 +45,9 @@ def test_export_computes_what_the_checkpoint_computes(folder_run, image_folder, 
     out = folder_run / "export_0"
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.pt2"]
     assert sorted(p.relative_to(folder_run) for p in folder_run.rglob("*") if "export_0" not in p.parts) == before
-    assert re.search(r"Parity on 30 test images.*\n  model.onnx .* top-1 agreement 30/30", result.stdout)
+    n = int(re.search(r"Parity on (\d+) test images", result.stdout).group(1))
+    agreement = rf"\n  model.onnx .* top-1 agreement {n}/{n}\n  model.pt2 .* top-1 agreement {n}/{n}"
+    assert re.search(agreement, result.stdout)
     info = json.loads((out / "model.json").read_text())
     assert info["classes"] == CLASSES and info["input"]["shape"] == ["batch", 3, 28, 28]
     assert Path(info["checkpoint"]).name.startswith("best-")
@@ -60,6 +62,7 @@ def test_export_computes_what_the_checkpoint_computes(folder_run, image_folder, 
     dm = ImageDataModule("folder", 32, str(tmp_path / "data"), folder=str(image_folder), image_size=28, val_size=0.1)
     dm.setup("test")
     images = dm.test_set.x.numpy()
+    assert len(images) == n
     program = torch.export.load(out / "model.pt2").module()
     for batch in (images, images[:1], images[3:10]):  # any batch size
         logits = session.run(None, {"images": batch})[0]

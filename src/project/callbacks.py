@@ -15,10 +15,11 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 
 class CSVPredictionWriter(BasePredictionWriter):
-    """After ``predict``, writes ``predictions.csv`` in the run directory: one row per image, the test set's by
-    ``index`` with its true class (``target``), or ``data.predict_files``' by ``file``; then the ``top_k`` most probable
-    classes, best first: ``prediction`` (number), ``class_name``, ``probability``, then ``class_2``,
-    ``probability_2``, ... Under DDP the ranks' rows are gathered and rank 0 writes them once, in input order."""
+    """After ``predict``, writes ``predictions.csv`` in the run directory: one row per image, by ``index`` in the input,
+    with its ``file`` (a folder's test images, ``data.predict_files``) and its true class (``target``, the test set's);
+    then the ``top_k`` most probable classes, best first: ``prediction`` (number), ``class_name``, ``probability``,
+    then ``class_2``, ``probability_2``, ... Under DDP the ranks' rows are gathered and rank 0 writes them once, in
+    input order."""
 
     def __init__(self, top_k: int, filename: str = "predictions.csv"):
         super().__init__(write_interval="epoch")
@@ -40,7 +41,8 @@ class CSVPredictionWriter(BasePredictionWriter):
         datamodule = trainer.datamodule
         files = datamodule.predict_paths
         classes = datamodule.classes
-        header = ["file"] if files else ["index", "target"]
+        labelled = bool((target >= 0).all())  # the test set's images have a class; predict_files' do not
+        header = ["index"] + (["file"] if files else []) + (["target"] if labelled else [])
         header += ["prediction", "class_name", "probability"]
         header += [f"{name}_{rank}" for rank in range(2, k + 1) for name in ("class", "probability")]
         path = Path(trainer.log_dir or ".") / self.filename
@@ -49,7 +51,7 @@ class CSVPredictionWriter(BasePredictionWriter):
             writer = csv.writer(f)
             writer.writerow(header)
             for i, y, ps, cs in zip(index.tolist(), target.tolist(), top_p.tolist(), top_i.tolist(), strict=True):
-                row = [files[i]] if files else [i, y]
+                row = [i] + ([files[i]] if files else []) + ([y] if labelled else [])
                 row += [cs[0], classes[cs[0]], f"{ps[0]:.6f}"]
                 row += [value for c, p in zip(cs[1:], ps[1:], strict=True) for value in (classes[c], f"{p:.6f}")]
                 writer.writerow(row)

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from project.callbacks import CSVPredictionWriter, TensorBoardReport
 from project.checkpoint import SafeModelCheckpoint, StopSignals, read_checkpoint
 from project.data import ImageDataModule
+from project.data import folder as folders
 from project.data.datamodule import task
 from project.errors import ConfigError
 from project.logger import claim
@@ -30,6 +31,8 @@ COMMANDS = ("fit", "validate", "test", "predict")
 
 # The data is served from memory in whole batches: worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# fewer batches an epoch than trainer.log_every_n_steps: the epoch's loss and accuracy are logged all the same
+warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
 # A config that switches a class (another net, optimizer or scheduler) drops the earlier class's arguments that the
 # new one does not take: that is what stacking means here, not news.
 warnings.filterwarnings("ignore", "Due to class_path change")
@@ -119,7 +122,7 @@ class CLI(LightningCLI):
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
         if config.get("ckpt_path"):
             path = resolve_checkpoint(config.ckpt_path, root)
-            _check_same_task(read_checkpoint(path).get("hyper_parameters", {}), config.data)
+            check_same_task(path, read_checkpoint(path), config.data)
             config.ckpt_path = str(path)
             # a checkpoint of a run under logs/ belongs to that run: fit continues its directory and TensorBoard run
             if root is not None and path.parent.name == "checkpoints" and path.parents[2].resolve() == root.resolve():
@@ -170,15 +173,26 @@ class CLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
-def _check_same_task(hparams: dict, data) -> None:
-    """A checkpoint trained on other data (image shape, number of classes) than the config's cannot be loaded."""
-    shape, num_classes = task(data.dataset, data.positive_class, data.folder, data.image_size, data.channels)
+def check_same_task(path: Path, checkpoint: dict, data) -> None:
+    """A checkpoint trained on other data (image shape, number of classes) than the config's ``data`` cannot be
+    loaded: one message that names the checkpoint, and for a folder, the classes it was trained on and has now."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    shape, num_classes = task(data.get("dataset"), data.get("positive_class"), data.get("folder"),
+                              data.get("image_size", 64), data.get("channels", 3))  # fmt: skip
     for key, ours in (("in_shape", shape), ("num_classes", num_classes)):
         theirs = hparams.get(key)
         if theirs is not None and (tuple(theirs) if isinstance(theirs, list | tuple) else theirs) != ours:
+            trained = checkpoint.get(ImageDataModule.__qualname__, {}).get("classes")
+            if data.get("dataset") == "folder" and key == "num_classes" and trained:
+                now = folders.classes_of(data.get("folder"))
+                raise ConfigError(
+                    f"{path} was trained on the {len(trained)} classes {', '.join(trained)}; data.folder "
+                    f"{data.get('folder')} now has {len(now)}: {', '.join(now)}. The folder changed since: restore it, "
+                    "or train again on it."
+                )
             raise ConfigError(
-                f"the checkpoint was trained with {key}={theirs}, and the config's data gives {ours}: use the "
-                "config of the run that wrote it (--config <run>/config.yaml), or a checkpoint of this data."
+                f"{path} was trained with {key}={theirs}, and the config's data gives {ours}: use the config of the "
+                "run that wrote it (--config <run>/config.yaml), or a checkpoint of this data."
             )
 
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from project.errors import ConfigError, ExportError
 
+FILES = ("model.onnx", "model.pt2", "model.json")
+
 
 class Deployable(nn.Module):
     """A trained net behind the normalisation it was trained with: ``uint8`` images in, one logit per class out (a
@@ -34,11 +36,14 @@ class Deployable(nn.Module):
         return torch.cat([torch.zeros_like(logits), logits], 1) if logits.shape[1] == 1 else logits
 
 
-def load_run(run: Path, ckpt: str):
+def load_run(run: Path, ckpt: str, overrides: list[str]):
     """The run's model with the checkpoint's weights (eval mode), its data module set up for test with the
-    checkpoint's normalisation and classes, and the checkpoint's path."""
+    checkpoint's normalisation and classes, and the checkpoint's path. ``overrides``: ``--KEY VALUE`` arguments over the
+    run's config (another ``--data.folder`` or ``--data.data_dir`` where the data is now)."""
+    import logging
+
     from project.checkpoint import read_checkpoint
-    from project.cli import CLI, run_checkpoint
+    from project.cli import CLI, check_same_task, run_checkpoint
 
     config_path = run / "config.yaml"
     if not config_path.is_file():
@@ -48,8 +53,12 @@ def load_run(run: Path, ckpt: str):
     config = yaml.safe_load(config_path.read_text())
     for key in ("ckpt_path", "weights_only"):  # arguments of fit, not of the model and data
         config.pop(key, None)
-    cli = CLI(["--config", yaml.safe_dump(config)], command="export")
+    # the Trainer's notes on seeds and accelerators are about training, not this command
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    cli = CLI(["--config", yaml.safe_dump(config), *overrides], command="export")
     model, data = cli.model, cli.datamodule
+    check_same_task(path, checkpoint, cli.config.data)
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     data.prepare_data()
@@ -68,7 +77,7 @@ def export(model: nn.Module, example: torch.Tensor, out: Path) -> dict[str, Path
     import warnings
 
     batch = torch.export.Dim("batch", min=1)
-    files = {"onnx": out / "model.onnx", "pt2": out / "model.pt2"}
+    files = {"onnx": out / FILES[0], "pt2": out / FILES[1]}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporters' notes on internals a user of the template cannot change
@@ -89,17 +98,23 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m project export",
         description=__doc__.split("\n\n")[0],
-        usage="python -m project export RUN_DIR [--ckpt_path best|last|FILE] [--out DIR] [--atol X] [--images N]",
+        usage="python -m project export RUN_DIR [--ckpt_path best|last|FILE] [--out DIR] [--atol X] [--images N] "
+        "[--KEY VALUE ...]",
+        epilog="--KEY VALUE arguments change the run's config, e.g. --data.folder where the images are now.",
+        allow_abbrev=False,
     )
     parser.add_argument("run", type=Path, help="a run directory: logs/<name>/version_<n>")
     parser.add_argument("--ckpt_path", default="best", help="best (default), last, or a .ckpt file")
     parser.add_argument("--out", type=Path, help="the directory to write (default: RUN_DIR/export_<k>)")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest logit difference allowed (default 1e-4)")
     parser.add_argument("--images", type=int, default=256, help="test images the parity check runs on (default 256)")
-    args = parser.parse_args(argv[1:])
+    args, overrides = parser.parse_known_args(argv[1:])
     if args.images < 1 or args.atol < 0:
         raise ConfigError("export: --images must be 1 or more and --atol 0 or more.")
-    model, data, ckpt = load_run(args.run, args.ckpt_path)
+    if args.out is not None and (there := [f for f in FILES if (args.out / f).exists()]):
+        raise ConfigError(f"export --out {args.out}: {', '.join(there)} exist there already; choose another directory, "
+                          "or move them away first.")  # fmt: skip
+    model, data, ckpt = load_run(args.run, args.ckpt_path, overrides)
     deployable = Deployable(model.net, data.mean, data.std).eval()
     images, _ = data.test_set.__getitems__(torch.arange(min(args.images, len(data.test_set))))
     if args.out is None:
@@ -119,12 +134,13 @@ def main(argv: list[str]) -> None:
             "layout": f"NCHW, {'RGB' if shape[0] == 3 else 'grayscale'}, 0-255",
         },
         "output": {"name": "logits", "shape": ["batch", len(data.classes)], "meaning": "one logit per class"},
-        "resize": f"images must be resized to {shape[1]}x{shape[2]} (height x width) before they go in",
+        "resize": f"images must be resized to {shape[1]}x{shape[2]} (height x width) before they go in, as in "
+        "training: turned upright by their EXIF orientation, bilinear with antialiasing",
         "normalisation (inside the model)": {"mean": list(data.mean), "std": list(data.std)},
         "checkpoint": str(ckpt),
         "parity": report,
     }
-    (args.out / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+    (args.out / FILES[2]).write_text(json.dumps(info, indent=2) + "\n")
     print(f"Exported {ckpt} to {args.out}: model.onnx, model.pt2, model.json")
     print(f"Parity on {len(images)} test images, logits against PyTorch (tolerance {args.atol:g}):")
     for name, (diff, agree) in report.items():

@@ -1,6 +1,7 @@
 """Run directories that two processes started at the same moment can never share."""
 
 import contextlib
+import shutil
 from pathlib import Path
 
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
@@ -33,13 +34,21 @@ class TensorBoardLogger(LightningTensorBoardLogger):
       The HPARAMS tab takes the metrics' values from the run's own scalars of the same names.
     """
 
+    _claimed = False  # whether this process created the run directory (not a resumed run's)
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
-        if status == "failed" and self._version is not None:  # a run that failed before it wrote anything
+        if status == "failed" and self._version is not None:  # a run that failed before it wrote a checkpoint
             version = self._version if isinstance(self._version, str) else f"version_{self._version}"
             for directory in (Path(self.log_dir), Path(self.root_dir) / version):
-                with contextlib.suppress(OSError):  # only an empty directory is removed
+                if directory.is_dir() and not any(directory.rglob("*.ckpt")) and not any(directory.rglob("*.csv")):
+                    # its events and hparams.yaml record nothing that ran; the directory was this run's own (claimed
+                    # fresh, or an evaluation's sub-directory), and a directory with a checkpoint is kept
+                    remove = (directory == Path(self.log_dir) and self.sub_dir) or self._claimed
+                    if remove:
+                        shutil.rmtree(directory, ignore_errors=True)
+                with contextlib.suppress(OSError):  # an empty directory is removed
                     directory.rmdir()
 
     @rank_zero_only
@@ -56,4 +65,5 @@ class TensorBoardLogger(LightningTensorBoardLogger):
     def _get_next_version(self) -> int:
         if rank_zero_only.rank != 0:  # only rank 0 writes; the Trainer gives every rank rank 0's directory
             return super()._get_next_version()
+        self._claimed = True
         return int(claim(Path(self.root_dir), "version").rsplit("_", 1)[1])

@@ -89,6 +89,7 @@ def main(argv: list[str]) -> None:
         prog=f"python -m project {command}",
         usage=f"python -m project {command} [--config CONFIG.yaml ...] [--KEY VALUE ...] [--out YAML]",
         description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
     )
     parser.add_argument("--out", type=Path, help=f"the config to write (default: logs/{command}/<config>.yaml)")
     if command == "lr-find":

@@ -159,7 +159,8 @@ class ImageDataModule(LightningDataModule):
         # the run's seed (seed_everything has set it by now): another seed, another order
         self.shuffle_seed = torch.initial_seed()
         self.train_set = self.val_set = self.test_set = self.predict_set = None
-        self.predict_paths: list | None = None  # the files predict_files named, in predict_set's order
+        self.test_paths: list | None = None  # a folder's test images' files, in test_set's order
+        self.predict_paths: list | None = None  # the files of predict_set's images, where they are files
 
     @property
     def num_classes(self) -> int:
@@ -213,7 +214,7 @@ class ImageDataModule(LightningDataModule):
             x, y = registry.load(self.hparams.dataset, self.hparams.data_dir, train=False)
             self.test_set = Tensors(*self._relabel(x, y))
         if stage == "predict":
-            self.predict_set = self.test_set
+            self.predict_set, self.predict_paths = self.test_set, self.test_paths
 
     def _relabel(self, x, y: torch.Tensor) -> tuple:
         return x, y if self.hparams.positive_class is None else (y == self.hparams.positive_class).long()
@@ -249,7 +250,7 @@ class ImageDataModule(LightningDataModule):
                 f"data.batch_size={self.hparams.batch_size} is more than the {n - n_val - n_test} training images that "
                 f"{sizes} of the {self.title} train set: no batch would train. Lower one."
             )
-        self._train_index = order[n_val + n_test :]
+        self._train_index, self._test_index = order[n_val + n_test :], order[n_val : n_val + n_test]
         if val is None:
             val = pool.subset(order[:n_val])
         if carve_test:
@@ -269,6 +270,7 @@ class ImageDataModule(LightningDataModule):
         self.train_set, self.val_set, self.test_set = self._split(
             data.sets["train"], data.sets.get("val"), test, carve_test=test is None, keys=keys
         )
+        self.test_paths = data.paths["test"] if test is not None else [data.paths["train"][i] for i in self._test_index]
         for name, split in (("validation", self.val_set), ("test", self.test_set)):
             if not len(split):
                 raise DataError(f"the {name} split of {self.title} holds no images that torchvision can decode.")

@@ -274,6 +274,8 @@ def expand(patterns: list[str]) -> list[Path]:
                 found.update(dict.fromkeys(_images(match)[0]))
             elif match.is_file():
                 found[match] = None
+            else:
+                raise DataError(f"data.predict_files: {match} does not exist (in {Path.cwd()}).")
     if not found:
         raise DataError(
             f"data.predict_files {', '.join(patterns)} matches no files: give image files, folders or glob patterns "
