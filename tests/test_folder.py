@@ -255,3 +255,102 @@ def test_bad_folders_and_settings_through_the_cli(image_folder, fashion_dir, tmp
         result = invoke(folder_fit(tmp_path, root, *args))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == code and expected in lines[-1] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_decoding_what_users_have(tmp_path):
+    from PIL import Image
+
+    gray = (torch.arange(20 * 24).reshape(20, 24) % 251).to(torch.uint8)
+    # 16-bit PNG: scaled to 8 bits, not cut to its low byte
+    Image.fromarray(gray.numpy().astype("uint16") * 257).save(tmp_path / "deep.png")
+    assert torch.equal(decode(tmp_path / "deep.png", (20, 24), 1)[0], gray)
+    # WebP and GIF decode to RGB whatever is asked: converted to the channels configured
+    rgb = Image.fromarray(gray.numpy()).convert("RGB")
+    rgb.save(tmp_path / "x.webp", lossless=True)
+    rgb.save(tmp_path / "x.gif")
+    for name in ("x.webp", "x.gif"):
+        assert decode(tmp_path / name, (20, 24), 1).shape == (1, 20, 24)
+        assert decode(tmp_path / name, (20, 24), 3).shape == (3, 20, 24)
+    # a phone photo: EXIF orientation 6 (rotate 90 degrees clockwise to view) is applied, as a viewer would
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(gray.numpy()).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    assert decode(tmp_path / "phone.jpg", (24, 20), 1).shape == (1, 24, 20)
+    upright = decode(tmp_path / "phone.jpg", (24, 20), 1)[0].float()
+    assert (upright - gray.T.flip(1).float()).abs().mean() < 3  # JPEG is lossy
+
+
+def test_split_folder_names_hidden_folders_and_other_files(fashion_dir, tmp_path, capsys):
+    root = write_image_folder(tmp_path / "images", fashion_dir, 10, ("train", "valid", "testing"))
+    layout = folders.scan(root)
+    assert {k: len(v[0]) for k, v in layout.splits.items()} == {"train": 30, "val": 30, "test": 30}  # 3 classes
+    (root / "train" / "bag" / ".thumbs").mkdir()
+    shutil.copy(root / "train" / "bag" / "0000.jpg", root / "train" / "bag" / ".thumbs" / "t.jpg")
+    (root / "train" / "bag" / "notes.txt").write_text("x")
+    (root / "train" / "bag" / "scan.bmp").write_bytes(b"BM")
+    assert len(folders.scan(root).splits["train"][0]) == 30  # the hidden folder's image is not a training image
+    folder_data(root, tmp_path, batch_size=4)
+    assert "ignored 2 files" in capsys.readouterr().err
+    (root / "extra").mkdir()
+    with pytest.raises(DataError, match="has train/ and also extra/"):
+        folders.scan(root)
+
+
+def test_ctrl_c_while_decoding_stops_and_caches_nothing(image_folder, tmp_path, monkeypatch):
+    from project.checkpoint import Interrupted, StopSignals
+
+    calls = []
+
+    def decode_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 70:
+            StopSignals.signum = 2  # what the SIGINT handler records
+        return decode(*args)
+
+    def getitem(self, i):
+        return decode_then_signal(self.files[i], self.size, self.channels)
+
+    monkeypatch.setattr(folders._Decoded, "__getitem__", getitem)
+    with StopSignals(), pytest.raises(Interrupted) as stopped:
+        folders.cache(image_folder, (28, 28), 3, tmp_path, 2048, 0)
+    assert stopped.value.exit_code == 130 and len(calls) < 300 and not (tmp_path / "folders").exists()
+
+
+def test_a_changed_folder_after_training(fashion_dir, tmp_path):
+    root = write_image_folder(tmp_path / "images", fashion_dir, 20)
+    assert invoke(folder_fit(tmp_path, root)).returncode == 0
+    run = tmp_path / "logs" / "folder" / "version_0"
+    # the folder moved: export and predict are told where it is now
+    moved = root.rename(tmp_path / "moved")
+    result = invoke(["export", str(run)])
+    assert result.returncode == 1 and f"data.folder {root} does not exist" in result.stderr
+    assert invoke(["export", str(run), f"--data.folder={moved}"]).returncode == 0
+    out = run / "export_0"
+    result = invoke(["export", str(run), f"--data.folder={moved}", f"--out={out}"])
+    assert result.returncode == 2 and "exist there already" in result.stderr
+    # a class added since: one message naming both lists of classes
+    shutil.copytree(moved / "bag", moved / "coat")
+    last = run / "checkpoints" / "last.ckpt"
+    for command in (["export", str(run), f"--data.folder={moved}"],
+                    ["test", *folder_fit(tmp_path, moved)[1:], f"--ckpt_path={last}"]):  # fmt: skip
+        result = invoke(command)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "trained on the 3 classes bag, sneaker, trouser" in result.stderr
+        assert "now has 4: bag, coat, sneaker, trouser" in result.stderr
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoints", "export_0"]  # no test_<k> left
+
+
+def test_a_failed_fit_leaves_no_run_directory(image_folder, tmp_path):
+    result = invoke(folder_fit(tmp_path, image_folder, "--data.batch_size=1000"))
+    assert result.returncode == 2 and "data.batch_size=1000" in result.stderr
+    assert not list((tmp_path / "logs" / "folder").glob("version_*"))
+
+
+def test_test_split_predictions_name_their_files(image_folder, tmp_path):
+    assert invoke(folder_fit(tmp_path, image_folder)).returncode == 0
+    predict = ["predict", *folder_fit(tmp_path, image_folder)[1:], "--ckpt_path=best"]
+    assert invoke(predict).returncode == 0
+    rows = read_csv(tmp_path / "logs" / "folder" / "version_0" / "predict_0" / "predictions.csv")
+    assert all(Path(r["file"]).parent.name == CLASSES[int(r["target"])] for r in rows) and len(rows) > 10
+    result = invoke([*predict, f"--data.predict_files=[{image_folder / 'bag' / '0001.png'}, {tmp_path / 'nope.png'}]"])
+    assert result.returncode == 1 and "nope.png does not exist" in result.stderr
