@@ -117,6 +117,16 @@ def folder_fit(tmp_path: Path, root: Path, *extra: str) -> list[str]:
     ]
 
 
+def tiny_experiment(tmp_path: Path, fashion_dir: Path) -> Path:
+    """An experiment directory for ``compare``: a base on the real Fashion-MNIST, an MLP and a softmax regression."""
+    experiment = tmp_path / "tiny"
+    experiment.mkdir()
+    (experiment / "base.yaml").write_text(f"trainer:\n  max_epochs: 2\ndata:\n  data_dir: {fashion_dir}\n")
+    (experiment / "mlp.yaml").write_text("model:\n  net:\n    class_path: project.models.MLP\n")
+    (experiment / "linear.yaml").write_text("model:\n  net:\n    class_path: project.models.SoftmaxRegression\n")
+    return experiment
+
+
 def cli(args: list[str]) -> CLI:
     """Runs the CLI in this process and returns it (trainer, model and datamodule inside)."""
     return CLI(args=args)

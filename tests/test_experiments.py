@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, TINY, cli, fit_args, forked, free_port, invoke
+from conftest import ROOT, TINY, cli, fit_args, forked, free_port, invoke, tiny_experiment
 
 from project.lr_plot import schedule
 
@@ -51,11 +51,7 @@ def test_lr_plot_writes_a_png(tmp_path):
 
 @pytest.mark.slow
 def test_compare_runs_variants_reports_failures_and_reuses_finished_runs(tmp_path, fashion_dir):
-    experiment = tmp_path / "tiny"
-    experiment.mkdir()
-    (experiment / "base.yaml").write_text(f"trainer:\n  max_epochs: 2\ndata:\n  data_dir: {fashion_dir}\n")
-    (experiment / "mlp.yaml").write_text("model:\n  net:\n    class_path: project.models.MLP\n")
-    (experiment / "linear.yaml").write_text("model:\n  net:\n    class_path: project.models.SoftmaxRegression\n")
+    experiment = tiny_experiment(tmp_path, fashion_dir)
     (experiment / "broken.yaml").write_text("model:\n  net:\n    class_path: project.models.Nope\n")
     logs = tmp_path / "logs"
     args = ["compare", str(experiment), f"--logs={logs}", "--", *TINY, "--trainer.max_epochs=2"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import ROOT, TINY, cli, fit_args, forked, invoke
+from conftest import ROOT, TINY, cli, fit_args, forked, invoke, tiny_experiment
 
 from project.data import ImageDataModule
 from project.data.augment import random_erasing
@@ -212,11 +212,7 @@ def test_tuners_refuse_bad_ranges(fashion_dir):
 
 @pytest.mark.slow
 def test_compare_with_seeds_gives_spread_intervals_and_a_test(tmp_path, fashion_dir):
-    experiment = tmp_path / "tiny"
-    experiment.mkdir()
-    (experiment / "base.yaml").write_text(f"data:\n  data_dir: {fashion_dir}\n")
-    (experiment / "mlp.yaml").write_text("model:\n  net:\n    class_path: project.models.MLP\n")
-    (experiment / "linear.yaml").write_text("model:\n  net:\n    class_path: project.models.SoftmaxRegression\n")
+    experiment = tiny_experiment(tmp_path, fashion_dir)
     logs = tmp_path / "logs"
     args = ["compare", str(experiment), f"--logs={logs}", "--seeds=3", "--", *TINY, "--trainer.max_epochs=2"]
     result = forked(args, tmp_path / "compare.log")
