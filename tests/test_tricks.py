@@ -218,7 +218,7 @@ def test_compare_with_seeds_gives_spread_intervals_and_a_test(tmp_path, fashion_
     result = forked(args, tmp_path / "compare.log")
     assert result.returncode == 0, result.stdout[-3000:]
     for variant in ("mlp", "linear"):
-        seeds = sorted(p.name for p in (logs / "tiny" / variant).iterdir())
+        seeds = sorted(p.name for p in (logs / "tiny" / variant).iterdir() if p.is_dir())
         assert seeds == ["seed_0", "seed_1", "seed_2"]
         configs = [yaml.safe_load((logs / "tiny" / variant / s / "version_0" / "config.yaml").read_text())
                    for s in seeds]  # fmt: skip
