@@ -14,7 +14,7 @@ COMMANDS = {
     "fit": ("project.cli", "train, validate each epoch, early-stop, keep the best checkpoint, then test it"),
     "validate": ("project.cli", "evaluate a checkpoint on the validation split"),
     "test": ("project.cli", "evaluate a checkpoint on the test set"),
-    "predict": ("project.cli", "write predictions.csv (one row per test image) for a checkpoint"),
+    "predict": ("project.cli", "a checkpoint's predictions.csv: the test set, or files (data.predict_files)"),
     "resume": ("project.cli", "continue an interrupted run: resume logs/<name>/version_<n> [--KEY VALUE ...]"),
     "compare": ("project.compare", "train configs (or an experiment directory) side by side: table + curves"),
     "lr-plot": ("project.lr_plot", "plot a config's learning-rate schedule without training"),
@@ -26,7 +26,8 @@ COMMANDS = {
 
 HELP = (
     "usage: python -m project COMMAND [options]\n\n"
-    "Train, compare and ship image classifiers (MNIST, Fashion-MNIST, CIFAR-10) with PyTorch Lightning.\n"
+    "Train, compare and ship image classifiers (MNIST, Fashion-MNIST, CIFAR-10, your folder of images)\n"
+    "with PyTorch Lightning.\n"
     "With no --config, fit/validate/test/predict run configs/default.yaml; --config files and --KEY VALUE\n"
     "flags stack on top of it.\n\ncommands:\n"
     + "".join(f"  {name:<15} {text}\n" for name, (_, text) in COMMANDS.items())
