@@ -1,8 +1,9 @@
 """A folder of a user's images as a dataset: one sub-folder per class, with or without ``train/``, ``val/``, ``test/``.
 
-Images are decoded by torchvision (PNG, JPEG, WebP), converted to the configured channels and resized (antialiased)
-to the configured size, once: the result is cached under ``data_dir`` as the same ``uint8`` tensors the built-in
-datasets are held in, with each image's pixel sums for the mean and std of whatever the train split turns out to be.
+Images are decoded by torchvision (PNG, JPEG, WebP, GIF; see :func:`project.data.sets.decode`), converted to the
+configured channels and resized to the configured size, once: the result is cached under ``data_dir`` as the same
+``uint8`` tensors the built-in datasets are held in, with each image's pixel sums for the mean and std of whatever the
+train split turns out to be.
 The cache is rebuilt when a file is added, removed or changed (its listing of names, sizes and times is the key).
 A folder whose decoded images would take more than ``in_memory_max_mb`` is kept on disk instead: the cache then holds
 only the sums, and DataLoader workers decode each batch with the same function, so both paths serve the same batches.
