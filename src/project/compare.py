@@ -236,6 +236,7 @@ def table_of_seeds(
         best = max(rows, key=lambda r: statistics.fmean(r["test accs"]))
         for row in rows:
             p = welch(row["test accs"], best["test accs"])
-            row["p vs best (Welch)"] = "best" if row is best else "n/a" if math.isnan(p) else f"{p:.3f}"
+            shown = "n/a" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+            row["p vs best (Welch)"] = "best" if row is best else shown
     failed = [{"run": v, "status": f"failed, {e}", "seeds ok": len(results[v])} for v, e in failures.items()]
     return rows + failed, math.nan if target is None else target
