@@ -123,3 +123,10 @@ def test_tensorboard_serves_the_runs_story(tmp_path, fashion_dir):
 def test_make_tensorboard_binds_to_loopback():
     makefile = (ROOT / "Makefile").read_text()
     assert "HOST ?= 127.0.0.1" in makefile and "--host $(HOST)" in makefile
+
+
+def test_config_stems_of_any_command_line():
+    from project.experiments import config_stems
+
+    assert config_stems([]) == []
+    assert config_stems(["--config", "a/b.yaml", "--x=1", "-c=c.yaml"]) == ["b", "c"]
