@@ -178,7 +178,7 @@ def check_same_task(path: Path, checkpoint: dict, data) -> None:
     loaded: one message that names the checkpoint, and for a folder, the classes it was trained on and has now."""
     hparams = checkpoint.get("hyper_parameters", {})
     shape, num_classes = task(data.get("dataset"), data.get("positive_class"), data.get("folder"),
-                              data.get("image_size", 64), data.get("channels", 3))  # fmt: skip
+                              data.get("image_size"), data.get("channels"))  # fmt: skip
     for key, ours in (("in_shape", shape), ("num_classes", num_classes)):
         theirs = hparams.get(key)
         if theirs is not None and (tuple(theirs) if isinstance(theirs, list | tuple) else theirs) != ours:
