@@ -162,13 +162,19 @@ def test_tta_on_a_symmetric_input_equals_no_tta():
     assert both.shape == (4, 10) and not torch.allclose(both, flip.tta_logits(x))
 
 
-def test_tta_runs_in_test_and_predict(tmp_path, fashion_dir):
+def test_tta_is_the_evaluating_commands_choice(tmp_path, fashion_dir):
     args = fit_args(tmp_path, fashion_dir, "--model.tta=flip_translate")
     assert invoke(args).returncode == 0
     predict = ["predict", *args[1:], "--ckpt_path=best", "--trainer.limit_predict_batches=1"]
     assert invoke(predict).returncode == 0
     with open(run_dir(tmp_path) / "predict_0" / "predictions.csv") as f:
-        assert len(list(csv.DictReader(f))) == 100
+        with_tta = list(csv.DictReader(f))
+    assert len(with_tta) == 100
+    # the checkpoint's hyperparameters say flip_translate; the command's flag wins
+    assert invoke([*predict, "--model.tta=none"]).returncode == 0
+    with open(run_dir(tmp_path) / "predict_1" / "predictions.csv") as f:
+        without = list(csv.DictReader(f))
+    assert [r["probability"] for r in without] != [r["probability"] for r in with_tta]
 
 
 def test_every_trick_together_trains(tmp_path, fashion_dir):

@@ -132,6 +132,15 @@ class CLI(LightningCLI):
             first = rank_zero_only.rank == 0  # the other processes of a DDP run write nothing
             logger.init_args.sub_dir = claim(root / logger.init_args.version, command) if first else command
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI takes the model's arguments from the checkpoint over the command's; test-time augmentation is
+        # the evaluating command's choice, so its value is the command's
+        command = self.config.get("subcommand")
+        tta = self.config[command].model.get("tta") if command else None
+        super()._parse_ckpt_path()
+        if tta is not None:
+            self.config[command].model.tta = tta
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if str(config.trainer.accelerator) in ("gpu", "cuda"):
