@@ -247,21 +247,22 @@ class EMA(_AveragedFromFirstUpdate, EMAWeightAveraging):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
             average = self._average_model
-            first = self._latest_update_step == 0  # the first update copies, as AveragedModel's does
-            pairs = zip(
-                itertools.chain(average.module.parameters(), average.module.buffers()),
-                itertools.chain(pl_module.parameters(), pl_module.buffers()),
-                strict=True,
-            )
-            floats, others = [], []
-            for mine, theirs in pairs:
-                (floats if mine.is_floating_point() and not first else others).append((mine, theirs.detach()))
-            step = trainer.global_step
-            decay = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
-            if floats:
-                torch._foreach_lerp_([m for m, _ in floats], [t for _, t in floats], 1 - decay)
-            for mine, theirs in others:
-                mine.copy_(theirs)
+            if getattr(self, "_tensors", None) is None:  # the same tensors every step: paired once
+                mine = itertools.chain(average.module.parameters(), average.module.buffers())
+                pairs = list(zip(mine, itertools.chain(pl_module.parameters(), pl_module.buffers()), strict=True))
+                floats = [(mine, theirs.detach()) for mine, theirs in pairs if mine.is_floating_point()]
+                self._tensors = ([m for m, _ in floats], [t for _, t in floats], pairs)
+            averages, currents, pairs = self._tensors
+            if self._latest_update_step == 0:  # the first update copies, as AveragedModel's does
+                for mine, theirs in pairs:
+                    mine.copy_(theirs)
+            else:
+                step = trainer.global_step
+                decay = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+                torch._foreach_lerp_(averages, currents, 1 - decay)
+                for mine, theirs in pairs:
+                    if not mine.is_floating_point():  # counters such as BatchNorm's num_batches_tracked
+                        mine.copy_(theirs)
             average.n_averaged += 1
             self._latest_update_step = trainer.global_step
 

@@ -1,5 +1,4 @@
 import hashlib
-import sys
 from collections.abc import Iterator
 from typing import Literal
 
@@ -230,11 +229,10 @@ class ImageDataModule(LightningDataModule):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
         else:
             order = keys.argsort()
-            fractions = [s for own, s in ((val is not None, self.hparams.val_size), (not carve_test,
-                         self.hparams.test_size)) if not own]  # fmt: skip
-            if all(isinstance(s, float) for s in fractions):
+            splits = ((val is not None, self.hparams.val_size), (not carve_test, self.hparams.test_size))
+            if all(own or isinstance(size, float) for own, size in splits):
                 low, counts = 0.0, []
-                for own, size in ((val is not None, self.hparams.val_size), (not carve_test, self.hparams.test_size)):
+                for own, size in splits:
                     counts.append(0 if own else int(((keys >= low) & (keys < low + size)).sum()))
                     low += 0 if own else size
                 n_val, n_test = counts
@@ -286,11 +284,7 @@ class ImageDataModule(LightningDataModule):
         files = folders.expand([self.hparams.predict_files] if isinstance(self.hparams.predict_files, str)
                                else list(self.hparams.predict_files))  # fmt: skip
         images, _, ok = folders.decode_all(files, self.shape[1:], self.shape[0], self.hparams.num_workers, keep=True)
-        skipped = [str(f) for f, good in zip(files, ok.tolist(), strict=True) if not good]
-        if skipped:
-            names = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-            print(f"warning: skipped {len(skipped)} of {len(files)} files that torchvision cannot decode as images: "
-                  f"{names}", file=sys.stderr)  # fmt: skip
+        folders.warn_skipped([f for f, good in zip(files, ok.tolist(), strict=True) if not good], len(files))
         if not ok.any():
             raise DataError(f"none of the {len(files)} files of data.predict_files is an image torchvision can decode.")
         self.predict_paths = [f for f, good in zip(files, ok.tolist(), strict=True) if good]

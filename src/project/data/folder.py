@@ -17,6 +17,7 @@ from glob import glob
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from project.checkpoint import Interrupted, StopSignals
@@ -216,17 +217,11 @@ def load(
             sets[split] = Files([files[i] for i in span.tolist()], labels[span], size, channels)
         sums[split] = cached["sums"][span]
         paths[split] = [files[i] for i in span.tolist()]
-    if layout.ignored and _first_process():
+    if layout.ignored and rank_zero_only.rank == 0:
         kinds = sorted({f.suffix.lower() or f.name for f in layout.ignored})
         print(f"note: ignored {len(layout.ignored)} files of {layout.root} that are not images by their suffix "
               f"({', '.join(kinds[:8])}); images are {', '.join(SUFFIXES)}.", file=sys.stderr)  # fmt: skip
-    if skipped and _first_process():
-        names = ", ".join(str(f) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        print(
-            f"warning: skipped {len(skipped)} of {len(files)} files of {layout.root} that torchvision cannot decode "
-            f"as images: {names}",
-            file=sys.stderr,
-        )
+    warn_skipped(skipped, len(files), f" of {layout.root}")
     return FolderImages(layout, sets, sums, paths, skipped)
 
 
@@ -240,8 +235,12 @@ def _check_classes(layout: Layout, labels: torch.Tensor, skipped: list[Path]) ->
         )
 
 
-def _first_process() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+def warn_skipped(skipped: list[Path], total: int, where: str = "") -> None:
+    """One line on stderr (from the first process only) naming the files that could not be decoded."""
+    if skipped and rank_zero_only.rank == 0:
+        names = ", ".join(str(f) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"warning: skipped {len(skipped)} of {total} files{where} that torchvision cannot decode as images: "
+              f"{names}", file=sys.stderr)  # fmt: skip
 
 
 def _read_cache(path: Path, key: str) -> dict | None:
