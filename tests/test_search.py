@@ -1,7 +1,9 @@
 """Optuna search on tiny budgets with the real Fashion-MNIST: what it samples is what trains, pruning, best.yaml,
 kill -9 and resume, two workers, and one message for every bad space."""
 
+import contextlib
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -84,6 +86,12 @@ def _trial_processes(name: str) -> list[int]:
     return pids
 
 
+def _has_heartbeat(db: Path, trial_id: int) -> bool:
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as connection:
+        query = "SELECT 1 FROM trial_heartbeats WHERE trial_id = ?"
+        return connection.execute(query, (trial_id,)).fetchone() is not None
+
+
 SPACE = "model.scheduler.init_args.max_lr: {low: 1.0e-3, high: 1.0e-2, log: true}\n"
 
 
@@ -100,9 +108,13 @@ def test_kill_9_loses_only_the_running_trial_and_the_same_command_continues(tmp_
         except Exception:  # the file exists before the study is written into it, or is being created
             states = []
         if optuna.trial.TrialState.COMPLETE in states and states[-1] == optuna.trial.TrialState.RUNNING:
-            break
+            last = study(tmp_path).trials[-1]
+            # a kill before the trial's first heartbeat leaves it RUNNING for good (Optuna never calls it stale):
+            # wait until it trains, as a user's kill would find it
+            if _trial_processes(f"trial_{last.number:03d}") and _has_heartbeat(db, last._trial_id):
+                break
         time.sleep(0.2)
-    running = study(tmp_path).trials[-1].number
+    running = last.number
     search.kill()
     assert search.wait() == -signal.SIGKILL
     deadline = time.monotonic() + 60  # the trial gets SIGTERM when its search dies, saves and exits
