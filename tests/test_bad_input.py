@@ -1,5 +1,6 @@
 """What a user can get wrong gets one paragraph and an exit code, and evaluating a run never changes it."""
 
+import csv
 import gzip
 import json
 import pickle
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import fit_args, forked, invoke
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -79,8 +81,13 @@ def test_tensorboard_has_each_metric_once_per_step(tmp_path, fashion_dir, traine
         (["--data.batch_size=100000"], "data.batch_size=100000 is more than the 55000 training images"),
         (["--trainer.max_epochs=0"], "trainer.max_epochs=0 trains nothing"),
         (["--trainer.max_epochs=-5"], "trainer.max_epochs=-5 trains nothing"),
+        (["--predictions.top_k=0"], "predictions.top_k=0: give 1 or more"),
+        (
+            ["--model.scheduler.init_args.total_steps=3"],
+            "model.scheduler OneCycleLR runs 3 steps, and the Trainer trains 4",
+        ),
     ],
-    ids=["val-size-takes-all", "batch-larger-than-data", "zero-epochs", "negative-epochs"],
+    ids=["val-size-takes-all", "batch-larger-than-data", "zero-epochs", "negative-epochs", "top-k", "short-one-cycle"],
 )
 def test_a_run_that_cannot_train_stops_before_it_starts(tmp_path, fashion_dir, args, expected):
     message = one_paragraph(invoke(fit_args(tmp_path, fashion_dir, *args)), 2)
@@ -247,3 +254,45 @@ def test_a_moved_run_resumes_where_it_now_is(tmp_path, trained, trained_once):
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list(moved.glob("events.out.tfevents.*"))) > len(list(trained_once.glob("*/version_0/events.*")))
     assert {p.name for p in (trained_once / "fashion_mnist_cnn" / "version_0").iterdir()} == original
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_evaluating_needs_a_checkpoint(tmp_path, fashion_dir, command):
+    # without one, Lightning would evaluate the untrained net and print its accuracy as a result
+    args = [a for a in eval_args(tmp_path, fashion_dir, command) if not a.startswith("--ckpt_path")]
+    message = one_paragraph(invoke(args), 2)
+    assert f"{command} evaluates a trained model: give --ckpt_path best" in message
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_resume_cannot_stretch_one_cycle_and_keeps_the_config(tmp_path, trained):
+    config = (trained / "config.yaml").read_bytes()
+    checkpoints = {p: p.read_bytes() for p in (trained / "checkpoints").iterdir()}
+    message = one_paragraph(invoke(["resume", str(trained), "--trainer.max_epochs=3"]), 2)
+    assert "one-cycle schedule was planned for 8 steps, and the trainer flags now ask for 12" in message
+    assert (trained / "config.yaml").read_bytes() == config  # the failed resume's override is not the run's config
+    assert {p: p.read_bytes() for p in (trained / "checkpoints").iterdir()} == checkpoints
+    assert invoke(["resume", str(trained)]).returncode == 0  # the run as it was: finished, tested again
+
+
+def test_a_resume_that_trains_longer_saves_its_config(tmp_path, fashion_dir):
+    cosine = fit_args(tmp_path, fashion_dir, config="configs/schedulers/cosine.yaml")
+    assert invoke(cosine).returncode == 0
+    run = run_dir(tmp_path)
+    assert invoke(["resume", str(run), "--trainer.max_epochs=2"]).returncode == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_epochs"] == 2
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_predicting_files_needs_no_dataset(tmp_path, fashion_dir, trained):
+    # the checkpoint and the built-in dataset's description say how to resize and normalise: nothing is prepared
+    from torchvision.io import write_png
+
+    write_png(torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8), str(tmp_path / "photo.png"))
+    empty = tmp_path / "elsewhere"
+    args = eval_args(tmp_path, empty, "predict", f"--data.predict_files={tmp_path / 'photo.png'}")
+    result = invoke(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not empty.exists()
+    (row,) = csv.DictReader((trained / "predict_0" / "predictions.csv").read_text().splitlines())
+    assert row["file"] == str(tmp_path / "photo.png") and row["class_name"] in DATASETS["fashion_mnist"].classes

@@ -95,6 +95,24 @@ def test_a_mismatch_fails_the_command(folder_run, monkeypatch):
     assert result.returncode == 1
     assert re.search(r"error: model.onnx in .*export_0 do not compute what PyTorch computes", result.stderr)
     assert "model.pt2" not in result.stderr.splitlines()[-1]
+    info = json.loads((folder_run / "export_0" / "model.json").read_text())
+    assert Path(info["checkpoint"]).is_absolute() and "test images of image folder" in info["parity"]["images"]
+
+
+def test_an_interrupted_export_leaves_no_files(folder_run, tmp_path, monkeypatch):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("project.export.check", interrupt)  # Ctrl+C after the files are written, before their check
+    result = invoke(["export", str(folder_run)])
+    assert result.returncode == 130 and "export interrupted" in result.stderr
+    assert not list(folder_run.glob("export_*"))
+    out = tmp_path / "shipping"
+    out.mkdir()
+    assert invoke(["export", str(folder_run), f"--out={out}"]).returncode == 130
+    assert list(out.iterdir()) == []  # the user's directory stays; no unchecked model in it
+    monkeypatch.undo()
+    assert invoke(["export", str(folder_run), f"--out={out}"]).returncode == 0  # and it can be used again
 
 
 def test_export_bad_input(folder_run, image_folder, tmp_path):

@@ -3,6 +3,7 @@ runs started side by side, exploding losses and NaN metrics."""
 
 import json
 import multiprocessing
+import os
 import random
 import signal
 import time
@@ -237,3 +238,24 @@ def test_non_finite_weights_are_never_written_and_finite_ones_always_are(tmp_pat
     assert result.returncode == 1 and "weight net.linear.weight is not finite" in result.stderr
     for path in (run_dir(other) / "checkpoints").glob("*.ckpt"):
         assert all(torch.isfinite(t).all() for k, t in load(path)["state_dict"].items() if k.startswith("net."))
+
+
+def test_worker_processes_take_ctrl_c_silently(tmp_path):
+    # a terminal's Ctrl+C reaches DataLoader workers too: they inherit the handler, and only the run's process speaks
+    from project.checkpoint import StopSignals
+
+    log = tmp_path / "worker.err"
+
+    def worker() -> None:
+        os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT), 2)
+        os.kill(os.getpid(), signal.SIGINT)
+        os._exit(0 if StopSignals.signum is None else 1)
+
+    with StopSignals():
+        process = multiprocessing.get_context("fork").Process(target=worker)
+        process.start()
+        process.join()
+        assert process.exitcode == 0 and log.read_text() == ""
+        os.kill(os.getpid(), signal.SIGINT)  # the run's own process notes it
+        noted, StopSignals.signum = StopSignals.signum, None  # the next test in this process starts afresh
+    assert noted == signal.SIGINT

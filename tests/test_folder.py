@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FOLDER_CLASSES, folder_fit, invoke, write_image_folder
+import yaml
+from conftest import FOLDER_CLASSES, folder_fit, invoke, run, write_image_folder
 
 from project.data import ImageDataModule
 from project.data import folder as folders
@@ -354,3 +355,58 @@ def test_test_split_predictions_name_their_files(image_folder, tmp_path):
     assert all(Path(r["file"]).parent.name == CLASSES[int(r["target"])] for r in rows) and len(rows) > 10
     result = invoke([*predict, f"--data.predict_files=[{image_folder / 'bag' / '0001.png'}, {tmp_path / 'nope.png'}]"])
     assert result.returncode == 1 and "nope.png does not exist" in result.stderr
+
+
+def test_links_unreadable_files_and_names_with_glob_characters(fashion_dir, tmp_path, capsys):
+    root = write_image_folder(tmp_path / "images", fashion_dir, 10)
+    extra = write_image_folder(tmp_path / "more", fashion_dir, 12)
+    # a linked folder inside a class folder is followed (once, and a link back up is no loop); a dangling link is
+    # skipped and named like an undecodable file
+    (root / "bag" / "more").symlink_to(extra / "bag")
+    (root / "bag" / "loop").symlink_to(root / "bag")
+    (root / "sneaker" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    layout = folders.scan(root)
+    bags = [f for f, label in zip(*layout.splits["train"], strict=True) if CLASSES[label] == "bag"]
+    assert len(bags) == 10 + 12
+    data = folder_data(root, tmp_path / "cache", batch_size=4)
+    assert sum(len(s) for s in (data.train_set, data.val_set, data.test_set)) == 10 * 3 + 12
+    err = capsys.readouterr().err
+    assert "skipped 1 of 43 files" in err and "gone.png" in err and "cannot be read or decoded" in err
+    # a file whose name has glob characters is that file; a pattern that matches nothing is an error, not dropped
+    shutil.copy(root / "bag" / "0001.png", tmp_path / "photo [1].png")
+    assert folders.expand([str(tmp_path / "photo [1].png")]) == [tmp_path / "photo [1].png"]
+    with pytest.raises(DataError, match=r"nope/\*.png matches no files"):
+        folders.expand([str(root / "bag" / "0001.png"), str(tmp_path / "nope" / "*.png")])
+
+
+def test_a_class_named_like_a_split_and_an_empty_folder_name_say_so(fashion_dir, tmp_path):
+    root = write_image_folder(tmp_path / "images", fashion_dir, 2)
+    (root / "sneaker").rename(root / "train")
+    with pytest.raises(DataError, match="train/ is the train split: no class can be named train"):
+        folders.classes_of(root)
+    result = invoke(folder_fit(tmp_path, root, "--data.folder="))
+    assert result.returncode == 2 and "data.dataset folder needs data.folder" in result.stderr.splitlines()[-1]
+    result = invoke(folder_fit(tmp_path, root, "--data.in_memory_max_mb=-1"))
+    assert result.returncode == 2 and "data.in_memory_max_mb cannot be negative" in result.stderr.splitlines()[-1]
+
+
+def test_a_damaged_cache_is_rebuilt_not_trained_on(image_folder, tmp_path, capsys):
+    first = folder_data(image_folder, tmp_path)
+    (cache,) = (tmp_path / "folders").glob("*.pt")
+    with open(cache, "r+b") as f:  # bytes in the middle of the images, the file's length and structure intact
+        f.seek(cache.stat().st_size // 2)
+        f.write(b"\xff" * 20_000)
+    again = folder_data(image_folder, tmp_path)
+    assert "are damaged; decoding the folder again" in capsys.readouterr().err
+    assert torch.equal(again.train_set.x, first.train_set.x)
+
+
+def test_a_run_keeps_its_folder_whatever_the_directory(image_folder, tmp_path):
+    # the folder given relative to where fit ran is saved absolute: test, resume and export from elsewhere read it
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "photos").symlink_to(image_folder)
+    args = [a for a in folder_fit(tmp_path, image_folder) if not a.startswith("--data.folder")]
+    result = run([*args, "--data.folder=photos"], cwd=tmp_path / "here")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = yaml.safe_load((tmp_path / "logs" / "folder" / "version_0" / "config.yaml").read_text())
+    assert saved["data"]["folder"] == str(tmp_path / "here" / "photos")

@@ -13,6 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from project.errors import ConfigError
+
 
 class CSVPredictionWriter(BasePredictionWriter):
     """After ``predict``, writes ``predictions.csv`` in the run directory: one row per image, by ``index`` in the input,
@@ -22,6 +24,8 @@ class CSVPredictionWriter(BasePredictionWriter):
     input order."""
 
     def __init__(self, top_k: int, filename: str = "predictions.csv"):
+        if top_k < 1:
+            raise ConfigError(f"predictions.top_k={top_k}: give 1 or more (the most probable classes in each row).")
         super().__init__(write_interval="epoch")
         self.top_k, self.filename = top_k, filename
 

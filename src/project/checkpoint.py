@@ -129,9 +129,10 @@ class StopSignals:
     where what it has done can be kept (:class:`SafeModelCheckpoint` decides where); a second quits at once."""
 
     signum: int | None = None
+    pid: int | None = None
 
     def __enter__(self):
-        StopSignals.signum = None
+        StopSignals.signum, StopSignals.pid = None, os.getpid()
         self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -141,6 +142,10 @@ class StopSignals:
 
     @staticmethod
     def _note(signum: int, frame) -> None:
+        # DataLoader workers inherit this handler, and a terminal's Ctrl+C reaches them too: they keep serving
+        # batches, silently, until the run that owns them stops
+        if os.getpid() != StopSignals.pid:
+            return
         name = signal.Signals(signum).name
         if StopSignals.signum is not None:
             os.write(2, f"\n{name} again: quitting now, without saving.\n".encode())

@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from project.callbacks import CSVPredictionWriter, TensorBoardReport
 from project.checkpoint import SafeModelCheckpoint, StopSignals, read_checkpoint
@@ -73,6 +73,18 @@ PARSER_KWARGS = {
 }
 
 
+class SaveConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` in the run directory, which a resumed run rewrites (with the resume's overrides)
+    only once it trains again: a resume that stops before (an override that cannot work) leaves the config as it was."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not (stage == "fit" and self.config.get("ckpt_path")):
+            super().setup(trainer, pl_module, stage)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+
 class CLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` on :class:`ImageDataModule`, with the checkpoint and
     early-stopping callbacks always on (configured under ``checkpoint:`` and ``early_stopping:``). The optimizer and
@@ -93,6 +105,7 @@ class CLI(LightningCLI):
             run=command is None,
             # always there, whatever a config's trainer.callbacks says
             trainer_defaults={"callbacks": [TensorBoardReport()]},
+            save_config_callback=SaveConfig,
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
             parser_kwargs=parser_kwargs,
             auto_configure_optimizers=False,
@@ -117,6 +130,13 @@ class CLI(LightningCLI):
         if command == "fit" and epochs is not None and (epochs == 0 or epochs < -1):
             raise ConfigError(f"trainer.max_epochs={epochs} trains nothing: give 1 or more (or -1 to train until "
                               "trainer.max_steps or early stopping).")  # fmt: skip
+        if command != "fit" and not config.get("ckpt_path"):  # Lightning would evaluate the untrained net
+            raise ConfigError(
+                f"{command} evaluates a trained model: give --ckpt_path best (the newest run's best checkpoint), last, "
+                "or a .ckpt file (with --config <run>/config.yaml for another run's config)."
+            )
+        if config.data.get("folder"):  # saved with the run absolute: its config means the same from any directory
+            config.data.folder = str(Path(config.data.folder).expanduser().absolute())
         logger = config.trainer.logger
         root = Path(logger.init_args.save_dir) / logger.init_args.name if _is_tensorboard(logger) else None
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint

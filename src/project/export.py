@@ -10,6 +10,7 @@ and what the output means. Written to ``RUN/export_<k>/`` (the run itself is not
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -117,13 +118,21 @@ def main(argv: list[str]) -> None:
     model, data, ckpt = load_run(args.run, args.ckpt_path, overrides)
     deployable = Deployable(model.net, data.mean, data.std).eval()
     images, _ = data.test_set.__getitems__(torch.arange(min(args.images, len(data.test_set))))
-    if args.out is None:
+    claimed = args.out is None
+    if claimed:
         from project.logger import claim
 
         args.out = args.run / claim(args.run, "export")
     args.out.mkdir(parents=True, exist_ok=True)
-    files = export(deployable, images[:2], args.out)
-    report = check(deployable, images, files)
+    try:
+        files = export(deployable, images[:2], args.out)
+        report = check(deployable, images, files)
+    except BaseException:  # Ctrl+C or an error: no unchecked model files are left to be shipped
+        for name in FILES:
+            (args.out / name).unlink(missing_ok=True)
+        if claimed:  # this command's own new directory
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     shape = list(data.shape)
     info = {
         "classes": list(data.classes),
@@ -137,8 +146,8 @@ def main(argv: list[str]) -> None:
         "resize": f"images must be resized to {shape[1]}x{shape[2]} (height x width) before they go in, as in "
         "training: turned upright by their EXIF orientation, bilinear with antialiasing",
         "normalisation (inside the model)": {"mean": list(data.mean), "std": list(data.std)},
-        "checkpoint": str(ckpt),
-        "parity": report,
+        "checkpoint": str(ckpt.absolute()),
+        "parity": {"images": f"the first {len(images)} test images of {data.title}", **report},
     }
     (args.out / FILES[2]).write_text(json.dumps(info, indent=2) + "\n")
     print(f"Exported {ckpt} to {args.out}: model.onnx, model.pt2, model.json")

@@ -84,10 +84,33 @@ class ImageClassifier(LightningModule):
         return names | set(self.val_metrics.keys()) | set(self.test_metrics.keys())
 
     def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:  # the scheduler's state, its length included, is the checkpoint's by now
+            self._check_schedule_length(self.lr_schedulers())
         # in place, so checkpoints keep the plain module's keys; not before Lightning has traced the graph for
         # TensorBoard, which cannot trace compiled code
         if self.hparams.compile:
             self.net.compile()
+
+    def _check_schedule_length(self, scheduler) -> None:
+        """One-cycle fails past its last step: a run longer than its schedule stops before it starts. A resumed run
+        keeps the length its schedule was planned for (the scheduler's state is restored), whatever the flags say."""
+        if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+            return
+        step = self.hparams.scheduler_interval == "step"
+        needed = int(self.trainer.estimated_stepping_batches) if step else self.trainer.max_epochs
+        if scheduler.total_steps >= needed:
+            return
+        unit = "steps" if step else "epochs"
+        if self.trainer.ckpt_path:
+            raise ConfigError(
+                f"this run's one-cycle schedule was planned for {scheduler.total_steps} {unit}, and the trainer flags "
+                f"now ask for {needed}: a one-cycle rate cannot be stretched once it has run. Resume with the run's "
+                "trainer.max_epochs (and trainer.limit_train_batches), or train a new run for longer."
+            )
+        raise ConfigError(
+            f"model.scheduler OneCycleLR runs {scheduler.total_steps} {unit}, and the Trainer trains {needed}: leave "
+            "its total_steps and epochs unset, so that the run's length sets them."
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -178,6 +201,7 @@ class ImageClassifier(LightningModule):
         scheduler = self.build_scheduler(
             optimizer, int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
         )
+        self._check_schedule_length(scheduler)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {

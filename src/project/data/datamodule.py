@@ -54,7 +54,7 @@ def task(
 ) -> tuple[tuple[int, int, int], int]:
     """The image shape and the number of classes, known without decoding an image (a folder's from its names)."""
     if dataset == "folder":
-        if folder is None:
+        if folder is None or not str(folder).strip():
             raise ConfigError("data.dataset folder needs data.folder: the directory with one sub-folder per class.")
         return (channels, *_size(image_size)), 2 if positive_class is not None else len(folders.classes_of(folder))
     info = registry.DATASETS[dataset]
@@ -122,8 +122,8 @@ class ImageDataModule(LightningDataModule):
         self.save_hyperparameters()
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError(f"data.batch_size ({batch_size}) and data.eval_batch_size must be at least 1.")
-        if crop_padding < 0 or num_workers < 0:
-            raise ConfigError("data.crop_padding and data.num_workers cannot be negative.")
+        if min(crop_padding, num_workers, in_memory_max_mb) < 0:
+            raise ConfigError("data.crop_padding, data.num_workers and data.in_memory_max_mb cannot be negative.")
         if on_device and num_workers:
             raise ConfigError("data.on_device serves batches from the accelerator's memory: set data.num_workers to 0.")
         for key, size in (("val_size", val_size), ("test_size", test_size)):
@@ -191,11 +191,14 @@ class ImageDataModule(LightningDataModule):
         return (n - n_val - n_test) // self.hparams.batch_size
 
     def prepare_data(self) -> None:
-        """Once per node (Lightning calls it on local rank 0 only): the files in place, or a folder's cache built."""
+        """Once per node (Lightning calls it on local rank 0 only): the files in place, or a folder's cache built;
+        nothing when ``predict`` labels ``predict_files``, which the checkpoint's classes and statistics describe."""
         h = self.hparams
+        if h.predict_files is not None and self.trainer is not None and self.trainer.state.fn == "predict":
+            return
         if h.dataset != "folder":
             registry.prepare(h.dataset, h.data_dir, h.download)
-        elif h.predict_files is None:
+        else:
             folders.cache(h.folder, _size(h.image_size), h.channels, h.data_dir, h.in_memory_max_mb, h.num_workers)
 
     def setup(self, stage: str) -> None:

@@ -27,7 +27,7 @@ from project.errors import DataError
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 # the names a split folder may have beside train/
 SPLITS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
-_CACHE_VERSION = 2  # bump when what the cache holds, or how an image is decoded, changes
+_CACHE_VERSION = 3  # bump when what the cache holds, or how an image is decoded, changes
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,11 @@ def _class_dirs(path: Path) -> list[Path]:
 def _images(path: Path) -> tuple[list[Path], list[Path]]:
     """The image files under ``path`` (any depth, by suffix, sorted; hidden files and folders left out), and the other
     files."""
-    files = []
-    for directory, dirs, names in os.walk(path):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    files, seen = [], set()
+    # linked folders are followed (images gathered from elsewhere), each real folder once: a link to a parent is no loop
+    for directory, dirs, names in os.walk(path, followlinks=True):
+        seen.add(os.path.realpath(directory))
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(Path(directory) / d) not in seen]
         files += [Path(directory) / f for f in names if not f.startswith(".")]
     images = sorted(f for f in files if f.suffix.lower() in SUFFIXES)
     return images, sorted(f for f in files if f.suffix.lower() not in SUFFIXES)
@@ -66,9 +68,10 @@ def classes_of(root: str | Path) -> tuple[str, ...]:
     classes = tuple(d.name for d in _class_dirs(base))
     if len(classes) < 2:
         found = f"one class folder ({classes[0]})" if classes else "no class folders"
+        split = f" ({base.name}/ is the train split: no class can be named {base.name})" if base != root else ""
         raise DataError(
-            f"data.folder {base} has {found}: classification needs two or more, one sub-folder per class named after "
-            f"it ({base}/cat/1.jpg, {base}/dog/2.png, ...), optionally inside train/, val/ and test/."
+            f"data.folder {base} has {found}{split}: classification needs two or more, one sub-folder per class named "
+            f"after it ({root}/cat/1.jpg, {root}/dog/2.png, ...), optionally inside train/, val/ and test/."
         )
     return classes
 
@@ -159,8 +162,12 @@ def _listing_key(layout: Layout, size: tuple[int, int], channels: int) -> str:
     digest = hashlib.sha256(f"{_CACHE_VERSION} {size} {channels}".encode())
     for files, _ in layout.splits.values():
         for f in files:
-            stat = f.stat()
-            digest.update(f"{f.relative_to(layout.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            try:
+                stat = f.stat()
+                size, mtime = stat.st_size, stat.st_mtime_ns
+            except OSError:  # a dangling link: decoding skips it and names it
+                size = mtime = -1
+            digest.update(f"{f.relative_to(layout.root)}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()
 
 
@@ -191,7 +198,7 @@ def cache(
     if cached is None:
         images, sums, ok = decode_all(files, size, channels, workers, keep=in_memory)
         cached = {"key": key, "images": images, "sums": sums, "ok": ok}
-        _write_cache(path, cached)
+        _write_cache(path, {**cached, "digest": _digest(cached)})
     return layout, cached
 
 
@@ -239,7 +246,7 @@ def warn_skipped(skipped: list[Path], total: int, where: str = "") -> None:
     """One line on stderr (from the first process only) naming the files that could not be decoded."""
     if skipped and rank_zero_only.rank == 0:
         names = ", ".join(str(f) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        print(f"warning: skipped {len(skipped)} of {total} files{where} that torchvision cannot decode as images: "
+        print(f"warning: skipped {len(skipped)} of {total} files{where} that cannot be read or decoded as images: "
               f"{names}", file=sys.stderr)  # fmt: skip
 
 
@@ -250,7 +257,21 @@ def _read_cache(path: Path, key: str) -> dict | None:
         cached = torch.load(path, weights_only=True, mmap=True)
     except Exception:  # a cache that cannot be read (a kill mid-write cannot cause it, see _write_cache) is rebuilt
         return None
-    return cached if isinstance(cached, dict) and cached.get("key") == key else None
+    if not isinstance(cached, dict) or cached.get("key") != key:
+        return None
+    if cached.get("digest") != _digest(cached):  # bytes changed on disk since it was written
+        print(f"note: the decoded images in {path} are damaged; decoding the folder again.", file=sys.stderr)
+        return None
+    return cached
+
+
+def _digest(cached: dict) -> str:
+    """A checksum of the cached tensors (about 0.6 s per GB here): a damaged cache is rebuilt, not trained on."""
+    digest = hashlib.sha256()
+    for name in ("images", "sums", "ok"):
+        if cached.get(name) is not None:
+            digest.update(cached[name].contiguous().flatten().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _write_cache(path: Path, cached: dict) -> None:
@@ -268,11 +289,16 @@ def expand(patterns: list[str]) -> list[Path]:
     """Image files from files, folders (any depth) and glob patterns, in the order given, each once."""
     found: dict[Path, None] = {}
     for pattern in patterns:
-        matches = sorted(glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
+        # a path that exists is itself, even with glob characters in its name ("photo [1].jpg")
+        pattern = os.path.expanduser(pattern)
+        is_glob = not os.path.lexists(pattern) and any(c in pattern for c in "*?[")
+        matches = sorted(glob(pattern, recursive=True)) if is_glob else [pattern]
+        if not matches:
+            raise DataError(f"data.predict_files: {pattern} matches no files (in {Path.cwd()}).")
         for match in map(Path, matches):
             if match.is_dir():
                 found.update(dict.fromkeys(_images(match)[0]))
-            elif match.is_file():
+            elif match.is_file() or match.is_symlink():  # a dangling link is skipped and named, as in a folder
                 found[match] = None
             else:
                 raise DataError(f"data.predict_files: {match} does not exist (in {Path.cwd()}).")

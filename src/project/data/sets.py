@@ -34,12 +34,15 @@ class Tensors(Dataset):
 def decode(path: Path, size: tuple[int, int], channels: int) -> torch.Tensor:
     """One image file as ``uint8 (channels, *size)``: turned upright as its EXIF orientation says (phone photos), 16-bit
     scaled to 8, the first frame of an animation, converted to the channels (WebP and GIF decode to RGB whatever is
-    asked), resized with antialiased bilinear interpolation. Raises DataError if torchvision cannot decode it."""
+    asked), resized with antialiased bilinear interpolation. Raises DataError if the file cannot be read or decoded."""
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import resize, rgb_to_grayscale, to_dtype
 
     try:
         data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    except OSError as err:  # a dangling link, a file without read permission, one removed since the folder was read
+        raise DataError(f"{path} cannot be read ({err.strerror or err}).") from None
+    try:
         mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         image = decode_image(data, mode=mode, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as err:  # torchvision's decoders raise these for a file they cannot read
