@@ -86,8 +86,17 @@ def test_tensorboard_has_each_metric_once_per_step(tmp_path, fashion_dir, traine
             ["--model.scheduler.init_args.total_steps=3"],
             "model.scheduler OneCycleLR runs 3 steps, and the Trainer trains 4",
         ),
+        (["--trainer.max_epochs=-1"], "OneCycleLR is planned over the run's length, and this run has none"),
     ],
-    ids=["val-size-takes-all", "batch-larger-than-data", "zero-epochs", "negative-epochs", "top-k", "short-one-cycle"],
+    ids=[
+        "val-size-takes-all",
+        "batch-larger-than-data",
+        "zero-epochs",
+        "negative-epochs",
+        "top-k",
+        "short-one-cycle",
+        "endless-one-cycle",
+    ],
 )
 def test_a_run_that_cannot_train_stops_before_it_starts(tmp_path, fashion_dir, args, expected):
     message = one_paragraph(invoke(fit_args(tmp_path, fashion_dir, *args)), 2)

@@ -198,9 +198,7 @@ class ImageClassifier(LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.scheduler is None:
             return optimizer
-        scheduler = self.build_scheduler(
-            optimizer, int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
-        )
+        scheduler = self.build_scheduler(optimizer, self.trainer.estimated_stepping_batches, self.trainer.max_epochs)
         self._check_schedule_length(scheduler)
         return {
             "optimizer": optimizer,
@@ -211,14 +209,22 @@ class ImageClassifier(LightningModule):
             },
         }
 
-    def build_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int, epochs: int):
-        """The configured scheduler for a run of ``total_steps`` optimizer steps over ``epochs`` epochs."""
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: float, epochs: int):
+        """The configured scheduler for a run of ``total_steps`` optimizer steps over ``epochs`` epochs (infinite and
+        -1 for a run that trains until early stopping)."""
         # OneCycleLR needs the run's length, and can only cycle a momentum the optimizer has (Adagrad and
         # Adadelta have none)
         given = getattr(self.scheduler, "keywords", {})
         extra = {}
         if given.get("total_steps", 0) is None and given.get("epochs") is None:
-            extra["total_steps"] = total_steps if self.hparams.scheduler_interval == "step" else epochs
+            length = total_steps if self.hparams.scheduler_interval == "step" else epochs
+            if not 1 <= length < float("inf"):
+                raise ConfigError(
+                    "model.scheduler OneCycleLR is planned over the run's length, and this run has none (trainer."
+                    "max_epochs=-1 without trainer.max_steps): set one of them, or choose another scheduler "
+                    "(--config configs/schedulers/plateau.yaml)."
+                )
+            extra["total_steps"] = int(length)
         if given.get("cycle_momentum") and not {"momentum", "betas"} & optimizer.defaults.keys():
             extra["cycle_momentum"] = False
         return self.scheduler(optimizer, **extra)
