@@ -84,7 +84,7 @@ def test_tensorboard_has_each_metric_once_per_step(tmp_path, fashion_dir, traine
         (["--predictions.top_k=0"], "predictions.top_k=0: give 1 or more"),
         (
             ["--model.scheduler.init_args.total_steps=3"],
-            "model.scheduler OneCycleLR runs 3 steps, and the Trainer trains 4",
+            "model.scheduler OneCycleLR runs 3 steps, and the Trainer trains 4 steps",
         ),
         (["--trainer.max_epochs=-1"], "OneCycleLR is planned over the run's length, and this run has none"),
     ],
@@ -278,7 +278,7 @@ def test_a_resume_cannot_stretch_one_cycle_and_keeps_the_config(tmp_path, traine
     config = (trained / "config.yaml").read_bytes()
     checkpoints = {p: p.read_bytes() for p in (trained / "checkpoints").iterdir()}
     message = one_paragraph(invoke(["resume", str(trained), "--trainer.max_epochs=3"]), 2)
-    assert "one-cycle schedule was planned for 8 steps, and the trainer flags now ask for 12" in message
+    assert "one-cycle schedule was planned for 8 steps, and the trainer flags now train 12 steps" in message
     assert (trained / "config.yaml").read_bytes() == config  # the failed resume's override is not the run's config
     assert {p: p.read_bytes() for p in (trained / "checkpoints").iterdir()} == checkpoints
     assert invoke(["resume", str(trained)]).returncode == 0  # the run as it was: finished, tested again

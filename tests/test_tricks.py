@@ -243,3 +243,14 @@ def test_compare_with_seeds_gives_spread_intervals_and_a_test(tmp_path, fashion_
     assert p == "<0.001" or 0.001 <= float(p) <= 1
     assert "Welch" in (logs / "tiny" / "comparison.md").read_text()
     assert (logs / "tiny" / "curves.png").read_bytes().startswith(PNG)
+
+
+def test_student_t_and_welch_match_the_tables():
+    from project.compare import t_quantile, welch
+
+    # t(0.975) for 1, 2 and 29 degrees of freedom, from the tables
+    assert [round(t_quantile(df), 3) for df in (1, 2, 29)] == [12.706, 4.303, 2.045]
+    # Welch's test on samples of unequal size and spread: the p-values scipy.stats.ttest_ind(a, b, equal_var=False)
+    # gives (t = -2.251 with 5.52 degrees of freedom for the first)
+    assert welch([1, 2, 3, 4], [2, 4, 6, 8, 10]) == pytest.approx(0.0691, abs=1e-4)
+    assert welch([0.91, 0.92, 0.925], [0.90, 0.905, 0.899, 0.91]) == pytest.approx(0.0549, abs=1e-4)

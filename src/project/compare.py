@@ -74,26 +74,42 @@ def to_target(row: dict, target: float) -> tuple[float, float]:
     return next(((epoch + 1, t) for epoch, (t, v) in enumerate(row["val acc at"]) if v >= target), (math.nan, math.nan))
 
 
+# Student's t from mpmath (torch's own dependency), not scipy: torchmetrics imports scipy.signal whenever scipy is
+# installed, 0.7 s more at the launch of every command here
+
+
+def t_tail(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with ``df`` degrees of freedom (a regularised incomplete beta function)."""
+    import mpmath
+
+    return float(mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True))
+
+
+def t_quantile(df: float, tail: float = 0.05) -> float:
+    """The t with ``P(|T| >= t) = tail``: 4.303 for 2 degrees of freedom and 0.05."""
+    import mpmath
+
+    return float(mpmath.findroot(lambda t: t_tail(t, df) - tail, (0.0, 1e4), solver="bisect"))
+
+
 def spread(values: list[float]) -> tuple[float, float, float]:
     """Mean, standard deviation (N-1) and the half-width of the mean's 95% confidence interval (Student's t)."""
-    from scipy import stats
-
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return math.nan, math.nan, math.nan
     if len(values) < 2:
         return values[0], math.nan, math.nan
     sd = statistics.stdev(values)
-    return statistics.fmean(values), sd, stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+    return statistics.fmean(values), sd, t_quantile(len(values) - 1) * sd / math.sqrt(len(values))
 
 
 def welch(a: list[float], b: list[float]) -> float:
     """Two-sided p-value of Welch's t-test that ``a`` and ``b`` have the same mean."""
-    from scipy import stats
-
     if len(a) < 2 or len(b) < 2 or (statistics.stdev(a) == 0 and statistics.stdev(b) == 0):
         return math.nan
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))  # Welch-Satterthwaite
+    return t_tail((statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb), df)
 
 
 def train(name: str, config_args: list[str], save_dir: Path, extra: list[str]) -> str | None:

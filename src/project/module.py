@@ -97,18 +97,20 @@ class ImageClassifier(LightningModule):
         if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
             return
         step = self.hparams.scheduler_interval == "step"
-        needed = int(self.trainer.estimated_stepping_batches) if step else self.trainer.max_epochs
+        needed = self.trainer.estimated_stepping_batches if step else self.trainer.max_epochs
+        needed = float("inf") if needed == -1 else needed  # max_epochs -1: until early stopping
         if scheduler.total_steps >= needed:
             return
         unit = "steps" if step else "epochs"
+        trains = f"{int(needed)} {unit}" if needed < float("inf") else "until early stopping"
         if self.trainer.ckpt_path:
             raise ConfigError(
                 f"this run's one-cycle schedule was planned for {scheduler.total_steps} {unit}, and the trainer flags "
-                f"now ask for {needed}: a one-cycle rate cannot be stretched once it has run. Resume with the run's "
+                f"now train {trains}: a one-cycle rate cannot be stretched once it has run. Resume with the run's "
                 "trainer.max_epochs (and trainer.limit_train_batches), or train a new run for longer."
             )
         raise ConfigError(
-            f"model.scheduler OneCycleLR runs {scheduler.total_steps} {unit}, and the Trainer trains {needed}: leave "
+            f"model.scheduler OneCycleLR runs {scheduler.total_steps} {unit}, and the Trainer trains {trains}: leave "
             "its total_steps and epochs unset, so that the run's length sets them."
         )
 
