@@ -410,3 +410,13 @@ def test_a_run_keeps_its_folder_whatever_the_directory(image_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     saved = yaml.safe_load((tmp_path / "logs" / "folder" / "version_0" / "config.yaml").read_text())
     assert saved["data"]["folder"] == str(tmp_path / "here" / "photos")
+
+
+def test_an_unquoted_pattern_is_named(image_folder, tmp_path):
+    # the shell expands photos/bag/*.png before the template sees it: many values for one option
+    bags = sorted(str(p) for p in (image_folder / "bag").glob("*.png"))[:4]
+    predict = ["predict", *folder_fit(tmp_path, image_folder)[1:], "--ckpt_path=best", "--data.predict_files", *bags]
+    result = invoke(predict)
+    message = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "data.predict_files takes one value, and 4 came" in message
+    assert "Quote the pattern" in message and not (tmp_path / "logs").exists()

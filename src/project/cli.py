@@ -5,6 +5,7 @@ top of it, and ``--print_config`` shows the result, which is also saved as ``con
 ``logs/<name>/version_<n>/``.
 """
 
+import itertools
 import logging
 import re
 import sys
@@ -294,6 +295,23 @@ def _check_config_files(argv: list[str]) -> None:
                 raise ConfigError(f"{path} is empty: a config holds YAML keys such as trainer:, model: or data:.")
 
 
+def _check_unquoted_pattern(argv: list[str]) -> None:
+    """An unquoted ``--data.predict_files photos/*.png`` reaches us as many file names; argparse would call all but the
+    first "unrecognized arguments"."""
+    for i, option in enumerate(argv):
+        name, equals, value = option.partition("=")
+        if name == "--data.predict_files":
+            values, rest = ([value], argv[i + 1 :]) if equals else (argv[i + 1 : i + 2], argv[i + 2 :])
+            values += itertools.takewhile(lambda a: not a.startswith("-"), rest)
+            if len(values) > 1:
+                shown = ", ".join(values[:3]) + (", ..." if len(values) > 3 else "")
+                raise ConfigError(
+                    f"data.predict_files takes one value, and {len(values)} came: the shell expanded a pattern into "
+                    f"file names ({shown}). Quote the pattern ('photos/*.png'), which the template expands itself, or "
+                    "give a list: '[a.png, b.png]'."
+                )
+
+
 def main(argv: list[str]) -> None:
     """``argv``: the command (fit, validate, test, predict or resume), then its arguments."""
     if argv[0] == "resume":
@@ -302,5 +320,6 @@ def main(argv: list[str]) -> None:
             sys.argv[1:] = expanded
         argv = expanded
     _check_config_files(argv)
+    _check_unquoted_pattern(argv)
     with StopSignals():
         CLI(args=argv)
