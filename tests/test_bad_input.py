@@ -20,6 +20,10 @@ def run_dir(tmp_path: Path, name: str = "fashion_mnist_cnn") -> Path:
     return tmp_path / "logs" / name / "version_0"
 
 
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
 def one_paragraph(result, code: int) -> str:
     assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr
@@ -108,6 +112,12 @@ def test_an_empty_config_file_is_named(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
     assert f"{empty} is empty" in one_paragraph(invoke(["fit", f"--config={empty}"]), 2)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_epochs: {3\ndata:\n")
+    message = one_paragraph(invoke(["fit", f"--config={broken}"]), 2)
+    assert f"{broken} is not valid YAML: expected ',' or '}}', but got ':' at line 3, column 5" in message
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    assert "binary.yaml is not a text file" in one_paragraph(invoke(["fit", f"--config={tmp_path / 'binary.yaml'}"]), 2)
 
 
 @pytest.mark.parametrize(
@@ -305,3 +315,62 @@ def test_predicting_files_needs_no_dataset(tmp_path, fashion_dir, trained):
     assert not empty.exists()
     (row,) = csv.DictReader((trained / "predict_0" / "predictions.csv").read_text().splitlines())
     assert row["file"] == str(tmp_path / "photo.png") and row["class_name"] in DATASETS["fashion_mnist"].classes
+
+
+def test_a_run_resumed_by_another_path_or_moved_keeps_one_last_and_one_best(tmp_path, fashion_dir, monkeypatch):
+    cosine = fit_args(tmp_path, fashion_dir, config="configs/schedulers/cosine.yaml")
+    assert invoke(cosine).returncode == 0
+
+    def checkpoints(run: Path) -> dict[str, int]:
+        return {p.name: load(p)["epoch"] for p in (run / "checkpoints").iterdir()}
+
+    # by a relative path from the directory above the logs (the checkpoint's state holds the absolute one)
+    monkeypatch.chdir(tmp_path)
+    assert invoke(["resume", "logs/fashion_mnist_cnn/version_0", "--trainer.max_epochs=2"]).returncode == 0
+    saved = checkpoints(run_dir(tmp_path))
+    assert saved["last.ckpt"] == 1 and len(saved) == 2, saved  # last.ckpt rewritten, no last-v1.ckpt beside it
+    # moved, then trained further: the files it knew are still its own (the older best is replaced, not left over)
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    run_dir(tmp_path).rename(moved)
+    assert invoke(["resume", str(moved), "--trainer.max_epochs=3"]).returncode == 0
+    saved = checkpoints(moved)
+    assert saved["last.ckpt"] == 2 and len(saved) == 2, saved
+    # fewer epochs than the run has trained: Lightning's MisconfigurationException, as one message; nothing written
+    message = one_paragraph(invoke(["resume", str(moved), "--trainer.max_epochs=1"]), 2)
+    assert "the Trainer cannot run as set" in message and "current_epoch=2" in message
+    assert checkpoints(moved) == saved and "max_epochs: 3" in (moved / "config.yaml").read_text()
+
+
+def test_one_run_is_trained_by_one_process_at_a_time(tmp_path, trained):
+    import fcntl
+    import os
+
+    fd = os.open(trained / "checkpoints", os.O_RDONLY)  # as a resume running elsewhere holds it
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        message = one_paragraph(invoke(["resume", str(trained)]), 1)
+        assert f"{trained} is being trained by another process right now" in message
+    finally:
+        os.close(fd)
+    assert invoke(["resume", str(trained)]).returncode == 0
+
+
+def test_mistakes_on_a_trained_run_leave_it_as_it_was(tmp_path, fashion_dir, trained):
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    # an evaluation that cannot start leaves no directory of its own in the run
+    one_paragraph(invoke(eval_args(tmp_path, fashion_dir, "predict", "--predictions.top_k=0")), 2)
+    one_paragraph(invoke(eval_args(tmp_path, fashion_dir, "test", "--data.batch_size=0")), 2)
+    message = one_paragraph(invoke(eval_args(tmp_path, fashion_dir, "predict", "--data.predict_files=")), 2)
+    assert "data.predict_files is empty" in message
+    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in trained.iterdir() if p.is_dir()) == ["checkpoints"]
+
+
+def test_a_preset_stacked_twice_adds_its_callback_once(tmp_path, fashion_dir):
+    ema = "--config=configs/tricks/ema.yaml"
+    assert (
+        invoke(fit_args(tmp_path, fashion_dir, ema, ema, "--trainer.callbacks+=project.callbacks.EMA")).returncode == 0
+    )
+    callbacks = load(run_dir(tmp_path) / "checkpoints" / "last.ckpt")["callbacks"]
+    assert len([k for k in callbacks if "EMA" in k]) == 1, list(callbacks)

@@ -181,6 +181,34 @@ class SafeModelCheckpoint(ModelCheckpoint):
     def _last_path(self) -> str:
         return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # a run resumed by another path than it was written with (absolute, relative, from another directory), or
+        # moved since: its checkpoints are this directory's files of the same names. Lightning would keep only the best
+        # path, forget the others and write last-v1.ckpt beside a last.ckpt that then stays stale.
+        old = state_dict.get("dirpath")
+        last = state_dict.get("last_model_path") or ""
+        same_run = (
+            old
+            and self.dirpath
+            and (
+                os.path.realpath(old) == os.path.realpath(self.dirpath)
+                or os.path.isfile(os.path.join(self.dirpath, os.path.basename(last)))
+            )
+        )
+        if same_run and old != self.dirpath:
+
+            def here(path: str) -> str:
+                return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                **{key: here(state_dict.get(key) or "") for key in ("best_model_path", "kth_best_model_path",
+                                                                    "last_model_path")},
+                "best_k_models": {here(k): v for k, v in state_dict.get("best_k_models", {}).items()},
+            }  # fmt: skip
+        super().load_state_dict(state_dict)
+
     # -- what is written, and when
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:

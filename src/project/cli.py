@@ -5,8 +5,10 @@ top of it, and ``--print_config`` shows the result, which is also saved as ``con
 ``logs/<name>/version_<n>/``.
 """
 
+import contextlib
 import itertools
 import logging
+import os
 import re
 import sys
 import warnings
@@ -22,13 +24,15 @@ from project.checkpoint import SafeModelCheckpoint, StopSignals, read_checkpoint
 from project.data import ImageDataModule
 from project.data import folder as folders
 from project.data.datamodule import task
-from project.errors import ConfigError
+from project.errors import ConfigError, ProjectError
 from project.logger import claim
 from project.module import ImageClassifier
 
 # the home of every default a run sets (the package is installed editable from the repository: pip install -e .)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 COMMANDS = ("fit", "validate", "test", "predict")
+CLAIMED: list[Path] = []  # the evaluation directories this process created inside a run
+HELD: list[int] = []  # locks on the checkpoint directories of the runs this process trains further
 
 # The data is served from memory in whole batches: worker processes would only add copies.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -148,10 +152,13 @@ class CLI(LightningCLI):
             # a checkpoint of a run under logs/ belongs to that run: fit continues its directory and TensorBoard run
             if root is not None and path.parent.name == "checkpoints" and path.parents[2].resolve() == root.resolve():
                 logger.init_args.version = path.parent.parent.name
+                if command == "fit" and rank_zero_only.rank == 0:
+                    _hold(path.parent)
         # validate, test and predict write their own directory inside the run they evaluate, never into the run
         if command != "fit" and root is not None and logger.init_args.version and not logger.init_args.sub_dir:
             first = rank_zero_only.rank == 0  # the other processes of a DDP run write nothing
             logger.init_args.sub_dir = claim(root / logger.init_args.version, command) if first else command
+            CLAIMED.append(root / logger.init_args.version / logger.init_args.sub_dir)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI takes the model's arguments from the checkpoint over the command's; test-time augmentation is
@@ -177,6 +184,11 @@ class CLI(LightningCLI):
             if config.trainer[flag] is False:
                 callbacks = config.trainer.callbacks or []
                 config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith(kind)]
+        # a preset stacked twice (configs/tricks/ema.yaml on a config that has EMA already) means its callback once,
+        # with the later config's arguments; Lightning refuses two of a kind that keep state in checkpoints
+        callbacks = config.trainer.callbacks or []
+        kinds = [c.class_path for c in callbacks]
+        config.trainer.callbacks = [c for i, c in enumerate(callbacks) if c.class_path not in kinds[i + 1 :]]
 
     def instantiate_trainer(self, **kwargs):
         try:
@@ -260,6 +272,23 @@ def run_checkpoint(run: Path, ckpt: str) -> Path:
     return last.parent / best.name
 
 
+def _hold(checkpoints: Path) -> None:
+    """Locks a run's checkpoint directory until this command ends: two resumes of one run at once would write one
+    last.ckpt from two trainings."""
+    import fcntl
+
+    fd = os.open(checkpoints, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ProjectError(
+            f"{checkpoints.parent} is being trained by another process right now (a resume or a fit of the same run): "
+            "wait until it ends, or stop it first."
+        ) from None
+    HELD.append(fd)
+
+
 def _version(path: Path) -> int:
     return int(re.sub(r"\D", "", path.parent.parent.name) or -1)
 
@@ -280,7 +309,8 @@ def _resume_args(argv: list[str]) -> list[str]:
 
 
 def _check_config_files(argv: list[str]) -> None:
-    """jsonargparse answers an empty config file with a blank "Unexpected config:"; say what is wrong instead."""
+    """jsonargparse answers an empty config file with a blank "Unexpected config:", and one that is not YAML with a line
+    number in "<unicode string>"; say which file and what is wrong instead."""
     import yaml
 
     for option, value in zip(argv, [*argv[1:], ""], strict=True):
@@ -288,9 +318,15 @@ def _check_config_files(argv: list[str]) -> None:
         path = Path(inline or value)
         if name in ("--config", "-c") and path.is_file():
             try:
-                empty = yaml.safe_load(path.read_text()) is None
-            except (yaml.YAMLError, UnicodeDecodeError):
-                continue  # jsonargparse names the line that does not parse
+                with open(path) as f:
+                    empty = yaml.safe_load(f) is None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path} is not a text file: a config is YAML.") from None
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                what = getattr(err, "problem", None) or " ".join(str(err).split())
+                raise ConfigError(f"{path} is not valid YAML: {what}{where}.") from None
             if empty:
                 raise ConfigError(f"{path} is empty: a config holds YAML keys such as trainer:, model: or data:.")
 
@@ -321,5 +357,18 @@ def main(argv: list[str]) -> None:
         argv = expanded
     _check_config_files(argv)
     _check_unquoted_pattern(argv)
-    with StopSignals():
-        CLI(args=argv)
+    try:
+        with StopSignals():
+            try:
+                CLI(args=argv)
+            except MisconfigurationException as err:  # e.g. a resume with a max_epochs the run has already passed
+                raise ConfigError(f"the Trainer cannot run as set: {' '.join(str(err).split())}") from None
+    except BaseException:
+        for directory in CLAIMED:  # an evaluation that stopped before it wrote anything leaves no directory in the run
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    finally:
+        while HELD:
+            os.close(HELD.pop())
+        CLAIMED.clear()

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from project.checkpoint import Interrupted, StopSignals
 from project.data.sets import Files, Tensors, decode
-from project.errors import DataError
+from project.errors import ConfigError, DataError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 # the names a split folder may have beside train/
@@ -287,6 +287,10 @@ def _write_cache(path: Path, cached: dict) -> None:
 
 def expand(patterns: list[str]) -> list[Path]:
     """Image files from files, folders (any depth) and glob patterns, in the order given, each once."""
+    if not patterns or not all(str(p).strip() for p in patterns):  # "" would be the current directory
+        raise ConfigError(
+            "data.predict_files is empty: give image files, folders or glob patterns (quoted, e.g. 'photos/*.jpg')."
+        )
     found: dict[Path, None] = {}
     for pattern in patterns:
         # a path that exists is itself, even with glob characters in its name ("photo [1].jpg")
