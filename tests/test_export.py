@@ -112,7 +112,9 @@ def test_an_interrupted_export_leaves_no_files(folder_run, tmp_path, monkeypatch
     assert invoke(["export", str(folder_run), f"--out={out}"]).returncode == 130
     assert list(out.iterdir()) == []  # the user's directory stays; no unchecked model in it
     monkeypatch.undo()
-    assert invoke(["export", str(folder_run), f"--out={out}"]).returncode == 0  # and it can be used again
+    result = invoke(["export", str(folder_run), f"--out={out}", "--model.tta=flip"])  # and it can be used again
+    assert result.returncode == 0 and "note: model.tta=flip is not part of the exported model" in result.stdout
+    assert json.loads((out / "model.json").read_text())["test-time augmentation"].startswith("none")
 
 
 def test_export_bad_input(folder_run, image_folder, tmp_path):

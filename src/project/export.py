@@ -146,11 +146,15 @@ def main(argv: list[str]) -> None:
         "resize": f"images must be resized to {shape[1]}x{shape[2]} (height x width) before they go in, as in "
         "training: turned upright by their EXIF orientation, bilinear with antialiasing",
         "normalisation (inside the model)": {"mean": list(data.mean), "std": list(data.std)},
+        # test-time augmentation averages the net over several views; the exported model is the net, one view
+        "test-time augmentation": "none: run the model on flipped or shifted copies and average the logits for it",
         "checkpoint": str(ckpt.absolute()),
         "parity": {"images": f"the first {len(images)} test images of {data.title}", **report},
     }
     (args.out / FILES[2]).write_text(json.dumps(info, indent=2) + "\n")
     print(f"Exported {ckpt} to {args.out}: model.onnx, model.pt2, model.json")
+    if model.hparams.tta != "none":
+        print(f"note: model.tta={model.hparams.tta} is not part of the exported model, which sees each image once.")
     print(f"Parity on {len(images)} test images, logits against PyTorch (tolerance {args.atol:g}):")
     for name, (diff, agree) in report.items():
         print(f"  {name:<11} max |difference| {diff:.2e}   top-1 agreement {agree}/{len(images)}")
