@@ -292,6 +292,9 @@ def test_a_resume_cannot_stretch_one_cycle_and_keeps_the_config(tmp_path, traine
     assert (trained / "config.yaml").read_bytes() == config  # the failed resume's override is not the run's config
     assert {p: p.read_bytes() for p in (trained / "checkpoints").iterdir()} == checkpoints
     assert invoke(["resume", str(trained)]).returncode == 0  # the run as it was: finished, tested again
+    # a resume with nothing left to train (its epochs done) is tested again, and its flags are not the run's config
+    assert invoke(["resume", str(trained), "--trainer.max_epochs=1"]).returncode == 0
+    assert (trained / "config.yaml").read_bytes() == config
 
 
 def test_a_resume_that_trains_longer_saves_its_config(tmp_path, fashion_dir):

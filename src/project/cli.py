@@ -82,8 +82,12 @@ class SaveConfig(SaveConfigCallback):
     """LightningCLI's ``config.yaml`` in the run directory, which a resumed run rewrites (with the resume's overrides)
     only once it trains again: a resume that stops before (an override that cannot work) leaves the config as it was."""
 
+    def __init__(self, *args, resumed: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resumed = resumed
+
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if not (stage == "fit" and self.config.get("ckpt_path")):
+        if not self.resumed:  # also not at the test after fit, for a resumed run that had nothing left to train
             super().setup(trainer, pl_module, stage)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -171,6 +175,7 @@ class CLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self.save_config_kwargs["resumed"] = self.subcommand == "fit" and bool(config.get("ckpt_path"))
         if str(config.trainer.accelerator) in ("gpu", "cuda"):
             import torch
 
