@@ -143,6 +143,13 @@ def _save_forever(path: Path, i: int) -> None:
         io.save_checkpoint({"state_dict": {"w": torch.tensor([float(i)])}, "blob": bytes([i % 256]) * 8_000_000}, path)
 
 
+def _writing(tmp: Path) -> bool:
+    try:
+        return tmp.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 def test_kill_9_during_saves_never_leaves_a_torn_checkpoint(tmp_path):
     path, tmp = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.tmp"
     fork = multiprocessing.get_context("fork")  # a writer that starts in milliseconds, killed 30 times
@@ -154,7 +161,11 @@ def test_kill_9_during_saves_never_leaves_a_torn_checkpoint(tmp_path):
         proc.start()
         while not path.exists() or path.stat().st_ino == before:  # this writer has renamed a file into place
             time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.1))
+        if round_ % 2:  # half the kills at a random moment, half once a write is under way (on a busy machine too)
+            time.sleep(rng.uniform(0.0, 0.1))
+        else:
+            while not _writing(tmp):
+                time.sleep(0.0005)
         proc.kill()
         proc.join()
         assert proc.exitcode == -signal.SIGKILL
