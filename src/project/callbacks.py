@@ -255,8 +255,10 @@ class EMA(_AveragedFromFirstUpdate, EMAWeightAveraging):
                 mine = itertools.chain(average.module.parameters(), average.module.buffers())
                 pairs = list(zip(mine, itertools.chain(pl_module.parameters(), pl_module.buffers()), strict=True))
                 floats = [(mine, theirs.detach()) for mine, theirs in pairs if mine.is_floating_point()]
-                self._tensors = ([m for m, _ in floats], [t for _, t in floats], pairs)
-            averages, currents, pairs = self._tensors
+                # counters such as BatchNorm's num_batches_tracked are copied, not averaged
+                counters = [(mine, theirs) for mine, theirs in pairs if not mine.is_floating_point()]
+                self._tensors = ([m for m, _ in floats], [t for _, t in floats], pairs, counters)
+            averages, currents, pairs, counters = self._tensors
             if self._latest_update_step == 0:  # the first update copies, as AveragedModel's does
                 for mine, theirs in pairs:
                     mine.copy_(theirs)
@@ -264,9 +266,8 @@ class EMA(_AveragedFromFirstUpdate, EMAWeightAveraging):
                 step = trainer.global_step
                 decay = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
                 torch._foreach_lerp_(averages, currents, 1 - decay)
-                for mine, theirs in pairs:
-                    if not mine.is_floating_point():  # counters such as BatchNorm's num_batches_tracked
-                        mine.copy_(theirs)
+                for mine, theirs in counters:
+                    mine.copy_(theirs)
             average.n_averaged += 1
             self._latest_update_step = trainer.global_step
 

@@ -25,6 +25,7 @@ from project.data import ImageDataModule
 from project.data import folder as folders
 from project.data.datamodule import task
 from project.errors import ConfigError, ProjectError
+from project.experiments import config_paths
 from project.logger import claim
 from project.module import ImageClassifier
 
@@ -107,19 +108,24 @@ class CLI(LightningCLI):
             usage = f"python -m project {command} [--config CONFIG.yaml ...] [--KEY VALUE ...]"
             parser_kwargs = {**PARSER_KWARGS, "default_config_files": [str(DEFAULT_CONFIG)], "usage": usage,
                              "prog": f"python -m project {command}"}  # fmt: skip
-        super().__init__(
-            ImageClassifier,
-            ImageDataModule,
-            args=args,
-            run=command is None,
-            # always there, whatever a config's trainer.callbacks says
-            trainer_defaults={"callbacks": [TensorBoardReport()]},
-            save_config_callback=SaveConfig,
-            save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
-            parser_kwargs=parser_kwargs,
-            auto_configure_optimizers=False,
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                ImageClassifier,
+                ImageDataModule,
+                args=args,
+                run=command is None,
+                # always there, whatever a config's trainer.callbacks says
+                trainer_defaults={"callbacks": [TensorBoardReport()]},
+                save_config_callback=SaveConfig,
+                save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
+                parser_kwargs=parser_kwargs,
+                auto_configure_optimizers=False,
+                **kwargs,
+            )
+        # Trainer flags that cannot work together or on this machine, or with the checkpoint a run resumes from (a
+        # max_epochs it has passed)
+        except MisconfigurationException as err:
+            raise ConfigError(f"the Trainer flags cannot work as set: {' '.join(str(err).split())}") from None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SafeModelCheckpoint, "checkpoint")
@@ -194,12 +200,6 @@ class CLI(LightningCLI):
         callbacks = config.trainer.callbacks or []
         kinds = [c.class_path for c in callbacks]
         config.trainer.callbacks = [c for i, c in enumerate(callbacks) if c.class_path not in kinds[i + 1 :]]
-
-    def instantiate_trainer(self, **kwargs):
-        try:
-            return super().instantiate_trainer(**kwargs)
-        except MisconfigurationException as err:  # Trainer flags that cannot work together or on this machine
-            raise ConfigError(f"the Trainer flags cannot work as set: {' '.join(str(err).split())}") from None
 
     def before_fit(self) -> None:
         known = self.model.metric_names
@@ -318,10 +318,8 @@ def _check_config_files(argv: list[str]) -> None:
     number in "<unicode string>"; say which file and what is wrong instead."""
     import yaml
 
-    for option, value in zip(argv, [*argv[1:], ""], strict=True):
-        name, _, inline = option.partition("=")
-        path = Path(inline or value)
-        if name in ("--config", "-c") and path.is_file():
+    for path in config_paths(argv):
+        if path.is_file():
             try:
                 with open(path) as f:
                     empty = yaml.safe_load(f) is None
@@ -364,10 +362,7 @@ def main(argv: list[str]) -> None:
     _check_unquoted_pattern(argv)
     try:
         with StopSignals():
-            try:
-                CLI(args=argv)
-            except MisconfigurationException as err:  # e.g. a resume with a max_epochs the run has already passed
-                raise ConfigError(f"the Trainer cannot run as set: {' '.join(str(err).split())}") from None
+            CLI(args=argv)
     except BaseException:
         for directory in CLAIMED:  # an evaluation that stopped before it wrote anything leaves no directory in the run
             with contextlib.suppress(OSError):

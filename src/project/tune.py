@@ -5,9 +5,9 @@ any config, each writing what it found as a config file that stacks on the confi
     python -m project fit --config configs/fashion_mnist_fast.yaml --config logs/lr-find/fashion_mnist_fast.yaml
 
 lr-find trains ``--steps`` batches with the learning rate growing exponentially from ``--min_lr`` to ``--max_lr``,
-plots the loss against it and suggests the rate where the loss falls fastest (Lightning's suggestion); the config sets
-the optimizer's ``lr`` and, for one-cycle, its ``max_lr``. batch-size-find doubles ``data.batch_size`` from the
-config's for as long as a few training steps run (on a GPU: until its memory runs out), trying at most
+plots the loss against it and suggests the rate where the loss falls fastest against log(lr) (:func:`suggest`); the
+config sets the optimizer's ``lr`` and, for one-cycle, its ``max_lr``. batch-size-find doubles ``data.batch_size`` from
+the config's for as long as a few training steps run (on a GPU: until its memory runs out), trying at most
 ``--max_trials`` sizes, and no more than the training set's size; the config sets ``data.batch_size``. Neither writes a
 run directory or a checkpoint; the weights they trained are thrown away.
 """

@@ -218,12 +218,12 @@ def load(
         span = span[ok[span]]
         if split == "train":
             _check_classes(layout, labels[span], skipped)
+        paths[split] = [files[i] for i in span.tolist()]
         if cached["images"] is not None:
             sets[split] = Tensors(cached["images"][span], labels[span])
         else:
-            sets[split] = Files([files[i] for i in span.tolist()], labels[span], size, channels)
+            sets[split] = Files(paths[split], labels[span], size, channels)
         sums[split] = cached["sums"][span]
-        paths[split] = [files[i] for i in span.tolist()]
     if layout.ignored and rank_zero_only.rank == 0:
         kinds = sorted({f.suffix.lower() or f.name for f in layout.ignored})
         print(f"note: ignored {len(layout.ignored)} files of {layout.root} that are not images by their suffix "
