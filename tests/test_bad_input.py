@@ -373,7 +373,7 @@ def test_mistakes_on_a_trained_run_leave_it_as_it_was(tmp_path, fashion_dir, tra
 def test_a_preset_stacked_twice_adds_its_callback_once(tmp_path, fashion_dir):
     ema = "--config=configs/tricks/ema.yaml"
     assert (
-        invoke(fit_args(tmp_path, fashion_dir, ema, ema, "--trainer.callbacks+=project.callbacks.EMA")).returncode == 0
+        invoke(fit_args(tmp_path, fashion_dir, ema, ema, "--trainer.callbacks+=project.averaging.EMA")).returncode == 0
     )
     callbacks = load(run_dir(tmp_path) / "checkpoints" / "last.ckpt")["callbacks"]
     assert len([k for k in callbacks if "EMA" in k]) == 1, list(callbacks)

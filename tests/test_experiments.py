@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from conftest import ROOT, TINY, cli, fit_args, forked, free_port, invoke, tiny_experiment
 
-from project.lr_plot import schedule
+from project.commands.lr_plot import schedule
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -126,7 +126,7 @@ def test_make_tensorboard_binds_to_loopback():
 
 
 def test_config_stems_of_any_command_line():
-    from project.experiments import config_stems
+    from project.configs import config_stems
 
     assert config_stems([]) == []
     assert config_stems(["--config", "a/b.yaml", "--x=1", "-c=c.yaml"]) == ["b", "c"]

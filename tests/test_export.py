@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import FOLDER_CLASSES, ROOT, fit_args, folder_fit, invoke
 
+from project.commands.export import Deployable
 from project.data import ImageDataModule
-from project.export import Deployable
 
 CLASSES = sorted(FOLDER_CLASSES)
 
@@ -103,7 +103,9 @@ def test_an_interrupted_export_leaves_no_files(folder_run, tmp_path, monkeypatch
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("project.export.check", interrupt)  # Ctrl+C after the files are written, before their check
+    monkeypatch.setattr(
+        "project.commands.export.check", interrupt
+    )  # Ctrl+C after the files are written, before their check
     result = invoke(["export", str(folder_run)])
     assert result.returncode == 130 and "export interrupted" in result.stderr
     assert not list(folder_run.glob("export_*"))

@@ -253,7 +253,7 @@ def test_non_finite_weights_are_never_written_and_finite_ones_always_are(tmp_pat
 
 def test_worker_processes_take_ctrl_c_silently(tmp_path):
     # a terminal's Ctrl+C reaches DataLoader workers too: they inherit the handler, and only the run's process speaks
-    from project.checkpoint import StopSignals
+    from project.signals import StopSignals
 
     log = tmp_path / "worker.err"
 

@@ -298,7 +298,7 @@ def test_split_folder_names_hidden_folders_and_other_files(fashion_dir, tmp_path
 
 
 def test_ctrl_c_while_decoding_stops_and_caches_nothing(image_folder, tmp_path, monkeypatch):
-    from project.checkpoint import Interrupted, StopSignals
+    from project.signals import Interrupted, StopSignals
 
     calls = []
 

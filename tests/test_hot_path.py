@@ -43,7 +43,7 @@ def plain_loop_reads(fashion_dir, steps: int, positive_class: int | None) -> lis
 
 # the tricks that run every step: an EMA update, random erasing, label smoothing (mixup and cutmix draw their mixing
 # weight on the CPU, a read there but no GPU sync)
-TRICKS = ["--trainer.callbacks+=project.callbacks.EMA", "--data.random_erasing=0.5", "--model.label_smoothing=0.1"]
+TRICKS = ["--trainer.callbacks+=project.averaging.EMA", "--data.random_erasing=0.5", "--model.label_smoothing=0.1"]
 
 
 @pytest.mark.parametrize(

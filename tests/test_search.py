@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, TINY, Child, invoke
 
-from project.search import config_args, load_space
+from project.commands.search import config_args, load_space
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # enough training per epoch that a learning rate of 1e-7 trails the others at once

@@ -28,7 +28,7 @@ def run_dir(tmp_path, version: int = 0):
 
 def ema_args(decay: float = 0.9) -> str:
     return "--trainer.callbacks+=" + json.dumps(
-        {"class_path": "project.callbacks.EMA", "init_args": {"decay": decay, "warmup": False}}
+        {"class_path": "project.averaging.EMA", "init_args": {"decay": decay, "warmup": False}}
     )
 
 
@@ -73,7 +73,7 @@ def classifier_like(model: ImageClassifier, state: dict) -> ImageClassifier:
 
 
 def test_swa_averages_epoch_ends_from_its_start_epoch(tmp_path, fashion_dir):
-    swa = json.dumps({"class_path": "project.callbacks.SWA", "init_args": {"start_epoch": 1}})
+    swa = json.dumps({"class_path": "project.averaging.SWA", "init_args": {"start_epoch": 1}})
     cli(fit_args(tmp_path, fashion_dir, f"--trainer.callbacks+={swa}", "--trainer.max_epochs=3"))
     ckpt = torch.load(run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["averaging_state"]["n_averaged"].item() == 2  # the ends of epochs 1 and 2, before their validation
@@ -246,7 +246,7 @@ def test_compare_with_seeds_gives_spread_intervals_and_a_test(tmp_path, fashion_
 
 
 def test_student_t_and_welch_match_the_tables():
-    from project.compare import t_quantile, welch
+    from project.commands.compare import t_quantile, welch
 
     # t(0.975) for 1, 2 and 29 degrees of freedom, from the tables
     assert [round(t_quantile(df), 3) for df in (1, 2, 29)] == [12.706, 4.303, 2.045]

@@ -9,19 +9,31 @@ import importlib
 import signal
 import sys
 
-# command -> (module, what it does)
+# command -> (its module in the package, what it does)
 COMMANDS = {
-    "fit": ("project.cli", "train, validate each epoch, early-stop, keep the best checkpoint, then test it"),
-    "validate": ("project.cli", "evaluate a checkpoint on the validation split"),
-    "test": ("project.cli", "evaluate a checkpoint on the test set"),
-    "predict": ("project.cli", "a checkpoint's predictions.csv: the test set, or files (data.predict_files)"),
-    "resume": ("project.cli", "continue an interrupted run: resume logs/<name>/version_<n> [--KEY VALUE ...]"),
-    "compare": ("project.compare", "train configs (or an experiment directory) side by side: table + curves"),
-    "lr-plot": ("project.lr_plot", "plot a config's learning-rate schedule without training"),
-    "lr-find": ("project.tune", "Lightning's learning-rate finder on a config: plot, and a config with the rate"),
-    "batch-size-find": ("project.tune", "Lightning's batch-size finder on a config: a config with the batch size"),
-    "search": ("project.search", "hyperparameter search with Optuna; every trial a normal run, the study resumable"),
-    "export": ("project.export", "a run's best checkpoint to ONNX and torch.export (.pt2), checked against PyTorch"),
+    "fit": ("cli", "train, validate each epoch, early-stop, keep the best checkpoint, then test it"),
+    "validate": ("cli", "evaluate a checkpoint on the validation split"),
+    "test": ("cli", "evaluate a checkpoint on the test set"),
+    "predict": ("cli", "a checkpoint's predictions.csv: the test set, or files (data.predict_files)"),
+    "resume": ("cli", "continue an interrupted run: resume logs/<name>/version_<n> [--KEY VALUE ...]"),
+    "compare": ("commands.compare", "train configs (or an experiment directory) side by side: table + curves"),
+    "lr-plot": ("commands.lr_plot", "plot a config's learning-rate schedule without training"),
+    "lr-find": (
+        "commands.tune",
+        "Lightning's learning-rate finder on a config: plot, and a config with the rate",
+    ),
+    "batch-size-find": (
+        "commands.tune",
+        "Lightning's batch-size finder on a config: a config with the batch size",
+    ),
+    "search": (
+        "commands.search",
+        "hyperparameter search with Optuna; every trial a normal run, the study resumable",
+    ),
+    "export": (
+        "commands.export",
+        "a run's best checkpoint to ONNX and torch.export (.pt2), checked against PyTorch",
+    ),
 }
 
 HELP = (
@@ -46,9 +58,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         sys.exit(2)
     from project.errors import ProjectError  # no torch: errors.py imports nothing
+    from project.noise import quiet
 
+    quiet()
     try:
-        importlib.import_module(COMMANDS[command][0]).main(argv)
+        importlib.import_module(f"project.{COMMANDS[command][0]}").main(argv)
     except ProjectError as err:
         if str(err):  # empty from the processes of a DDP run other than the first, which has said it
             print(f"{err.label}{err}", file=sys.stderr)

@@ -19,45 +19,25 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from project.errors import ConfigError, NonFiniteError, ProjectError
+from project.files import replacing
+from project.signals import Interrupted, StopSignals
 
 
 class SaveError(ProjectError):
     """A checkpoint could not be written (a full disk, a read-only directory)."""
 
 
-class Interrupted(ProjectError):
-    """Stopped by SIGINT or SIGTERM at a point where what the run has done is kept."""
-
-    label = ""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file in its destination directory, fsyncs it and renames it into place, so a
-    kill at any moment leaves the old file or the new one, never a torn one; a failed write (a full disk) removes the
-    temporary file and leaves the old checkpoint as it was. Loads with ``weights_only=True`` (no arbitrary pickle)."""
+    """Writes a checkpoint whole or not at all (:func:`project.files.replacing`, fsynced): a kill at any moment leaves
+    the old file or the new one, and a failed write (a full disk) leaves the old checkpoint as it was, with one message
+    that names it. Loads with ``weights_only=True`` (no arbitrary pickle)."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with replacing(path, durable=True) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            # the rename itself is durable only once the directory entry is on disk
-            directory = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
         except (OSError, RuntimeError) as raised:
-            tmp.unlink(missing_ok=True)
             # torch.save's zip writer reports a failed write as a RuntimeError raised while handling the OSError
             err = raised if isinstance(raised, OSError) else raised.__context__
             if not isinstance(err, OSError):
@@ -122,37 +102,6 @@ def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class StopSignals:
-    """SIGINT (Ctrl+C) and SIGTERM for the whole of a command: the first is noted, and the run stops at the next point
-    where what it has done can be kept (:class:`SafeModelCheckpoint` decides where); a second quits at once."""
-
-    signum: int | None = None
-    pid: int | None = None
-
-    def __enter__(self):
-        StopSignals.signum, StopSignals.pid = None, os.getpid()
-        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    @staticmethod
-    def _note(signum: int, frame) -> None:
-        # DataLoader workers inherit this handler, and a terminal's Ctrl+C reaches them too: they keep serving
-        # batches, silently, until the run that owns them stops
-        if os.getpid() != StopSignals.pid:
-            return
-        name = signal.Signals(signum).name
-        if StopSignals.signum is not None:
-            os.write(2, f"\n{name} again: quitting now, without saving.\n".encode())
-            os._exit(128 + signum)
-        StopSignals.signum = signum
-        # os.write, not print: a handler that prints can interrupt a print in progress
-        os.write(2, f"\n{name}: stopping at the next point the run can be kept ({name} again quits now).\n".encode())
 
 
 class SafeModelCheckpoint(ModelCheckpoint):

@@ -5,13 +5,7 @@ top of it, and ``--print_config`` shows the result, which is also saved as ``con
 ``logs/<name>/version_<n>/``.
 """
 
-import contextlib
-import itertools
-import logging
-import os
-import re
 import sys
-import warnings
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -19,49 +13,18 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from project import runs
 from project.callbacks import CSVPredictionWriter, TensorBoardReport
-from project.checkpoint import SafeModelCheckpoint, StopSignals, read_checkpoint
+from project.checkpoint import SafeModelCheckpoint, read_checkpoint
+from project.configs import DEFAULT_CONFIG, check_config_files, check_unquoted_pattern
 from project.data import ImageDataModule
 from project.data import folder as folders
 from project.data.datamodule import task
-from project.errors import ConfigError, ProjectError
-from project.experiments import config_paths
-from project.logger import claim
+from project.errors import ConfigError
 from project.module import ImageClassifier
+from project.signals import StopSignals
 
-# the home of every default a run sets (the package is installed editable from the repository: pip install -e .)
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 COMMANDS = ("fit", "validate", "test", "predict")
-CLAIMED: list[Path] = []  # the evaluation directories this process created inside a run
-HELD: list[int] = []  # locks on the checkpoint directories of the runs this process trains further
-
-# The data is served from memory in whole batches: worker processes would only add copies.
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-# fewer batches an epoch than trainer.log_every_n_steps: the epoch's loss and accuracy are logged all the same
-warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
-# A config that switches a class (another net, optimizer or scheduler) drops the earlier class's arguments that the
-# new one does not take: that is what stacking means here, not news.
-warnings.filterwarnings("ignore", "Due to class_path change")
-# a resumed run writes into its own checkpoint directory again, as it should; and a run resumed in the middle of an
-# epoch trains the rest of it from the start of that epoch's order, as the README says
-warnings.filterwarnings("ignore", ".*exists and is not empty")
-warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
-# Lightning 2.6 builds torch pytrees the way torch 2.14 deprecates; nothing a user of the template can change.
-warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
-class _DropNoise(logging.Filter):
-    """Lightning's messages that a user of the template cannot act on: an advert for its cloud logger, and a note
-    that the configured model summary replaces Lightning's default one."""
-
-    NOISE = ("💡 Tip", "already configured with model summary")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in self.NOISE)
-
-
-for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-    logging.getLogger(_name).addFilter(_DropNoise())
 
 # argparse would take --trainer.max_epoch (a typo) as --trainer.max_epochs; and a one-line usage instead of
 # the 100-line one argparse prints above every error
@@ -156,19 +119,19 @@ class CLI(LightningCLI):
         root = Path(logger.init_args.save_dir) / logger.init_args.name if _is_tensorboard(logger) else None
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
         if config.get("ckpt_path"):
-            path = resolve_checkpoint(config.ckpt_path, root)
+            path = runs.resolve(config.ckpt_path, root)
             check_same_task(path, read_checkpoint(path), config.data)
             config.ckpt_path = str(path)
             # a checkpoint of a run under logs/ belongs to that run: fit continues its directory and TensorBoard run
             if root is not None and path.parent.name == "checkpoints" and path.parents[2].resolve() == root.resolve():
                 logger.init_args.version = path.parent.parent.name
                 if command == "fit" and rank_zero_only.rank == 0:
-                    _hold(path.parent)
+                    runs.hold(path.parent)
         # validate, test and predict write their own directory inside the run they evaluate, never into the run
         if command != "fit" and root is not None and logger.init_args.version and not logger.init_args.sub_dir:
             first = rank_zero_only.rank == 0  # the other processes of a DDP run write nothing
-            logger.init_args.sub_dir = claim(root / logger.init_args.version, command) if first else command
-            CLAIMED.append(root / logger.init_args.version / logger.init_args.sub_dir)
+            logger.init_args.sub_dir = runs.claim(root / logger.init_args.version, command) if first else command
+            runs.CLAIMED.append(root / logger.init_args.version / logger.init_args.sub_dir)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI takes the model's arguments from the checkpoint over the command's; test-time augmentation is
@@ -247,108 +210,16 @@ def _is_tensorboard(logger) -> bool:
     return bool(logger) and not isinstance(logger, list) and logger.class_path.endswith("TensorBoardLogger")
 
 
-def resolve_checkpoint(ckpt: str, root: Path | None) -> Path:
-    """A checkpoint file from ``last``/``best`` (of the newest run under ``root``) or a path."""
-    if ckpt not in ("last", "best"):
-        return Path(ckpt)
-    runs = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=_version) if root else []
-    if not runs:
-        raise ConfigError(
-            f"--ckpt_path {ckpt}: no run under {root or 'the logger directory'} has a checkpoints/last.ckpt yet; "
-            "train first, or give the path of a .ckpt file."
-        )
-    return run_checkpoint(runs[-1].parent.parent, ckpt)
-
-
-def run_checkpoint(run: Path, ckpt: str) -> Path:
-    """The ``last`` or ``best`` checkpoint of the run directory ``run``, or the path ``ckpt``."""
-    if ckpt not in ("last", "best"):
-        return Path(ckpt)
-    last = run / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        raise ConfigError(f"{run} has no checkpoints/last.ckpt: give a run directory under logs/ that has trained.")
-    if ckpt == "last":
-        return last
-    callbacks = read_checkpoint(last).get("callbacks", {})
-    best = next((Path(s["best_model_path"]) for s in callbacks.values() if s.get("best_model_path")), None)
-    # by name, inside this run: the run directory may have moved since it was written
-    if best is None or not (last.parent / best.name).is_file():
-        raise ConfigError(f"--ckpt_path best: {last.parent} holds no best checkpoint; use --ckpt_path last.")
-    return last.parent / best.name
-
-
-def _hold(checkpoints: Path) -> None:
-    """Locks a run's checkpoint directory until this command ends: two resumes of one run at once would write one
-    last.ckpt from two trainings."""
-    import fcntl
-
-    fd = os.open(checkpoints, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ProjectError(
-            f"{checkpoints.parent} is being trained by another process right now (a resume or a fit of the same run): "
-            "wait until it ends, or stop it first."
-        ) from None
-    HELD.append(fd)
-
-
-def _version(path: Path) -> int:
-    return int(re.sub(r"\D", "", path.parent.parent.name) or -1)
-
-
 def _resume_args(argv: list[str]) -> list[str]:
     """``resume RUN_DIR [overrides]`` -> ``fit --config RUN_DIR/config.yaml --ckpt_path RUN_DIR/.../last.ckpt``."""
     if not argv or argv[0].startswith("-"):
         raise ConfigError("usage: python -m project resume logs/<name>/version_<n> [--key value ...]")
     run = Path(argv[0])
-    config, last = run / "config.yaml", run / "checkpoints" / "last.ckpt"
-    for needed in (config, last):
-        if not needed.is_file():
-            raise ConfigError(f"resume {run}: {needed} does not exist; give a run directory under logs/.")
+    config, last = runs.files(run)
     # the run's own directory, wherever it has been moved since its config was written
     logger = "--trainer.logger.init_args"
     here = [f"{logger}.save_dir={run.parent.parent}", f"{logger}.name={run.parent.name}"]
     return ["fit", "--config", str(config), *here, "--ckpt_path", str(last), *argv[1:]]
-
-
-def _check_config_files(argv: list[str]) -> None:
-    """jsonargparse answers an empty config file with a blank "Unexpected config:", and one that is not YAML with a line
-    number in "<unicode string>"; say which file and what is wrong instead."""
-    import yaml
-
-    for path in config_paths(argv):
-        if path.is_file():
-            try:
-                with open(path) as f:
-                    empty = yaml.safe_load(f) is None
-            except UnicodeDecodeError:
-                raise ConfigError(f"{path} is not a text file: a config is YAML.") from None
-            except yaml.YAMLError as err:
-                mark = getattr(err, "problem_mark", None)
-                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-                what = getattr(err, "problem", None) or " ".join(str(err).split())
-                raise ConfigError(f"{path} is not valid YAML: {what}{where}.") from None
-            if empty:
-                raise ConfigError(f"{path} is empty: a config holds YAML keys such as trainer:, model: or data:.")
-
-
-def _check_unquoted_pattern(argv: list[str]) -> None:
-    """An unquoted ``--data.predict_files photos/*.png`` reaches us as many file names; argparse would call all but the
-    first "unrecognized arguments"."""
-    for i, option in enumerate(argv):
-        name, equals, value = option.partition("=")
-        if name == "--data.predict_files":
-            values, rest = ([value], argv[i + 1 :]) if equals else (argv[i + 1 : i + 2], argv[i + 2 :])
-            values += itertools.takewhile(lambda a: not a.startswith("-"), rest)
-            if len(values) > 1:
-                shown = ", ".join(values[:3]) + (", ..." if len(values) > 3 else "")
-                raise ConfigError(
-                    f"data.predict_files takes one value, and {len(values)} came: the shell expanded a pattern into "
-                    f"file names ({shown}). Quote the pattern ('photos/*.png'), which the template expands itself, or "
-                    "give a list: '[a.png, b.png]'."
-                )
 
 
 def main(argv: list[str]) -> None:
@@ -358,17 +229,12 @@ def main(argv: list[str]) -> None:
         if sys.argv[1:] == argv:  # DDP starts its other processes from sys.argv: they must see the same run
             sys.argv[1:] = expanded
         argv = expanded
-    _check_config_files(argv)
-    _check_unquoted_pattern(argv)
+    check_config_files(argv)
+    check_unquoted_pattern(argv)
+    failed = True
     try:
         with StopSignals():
             CLI(args=argv)
-    except BaseException:
-        for directory in CLAIMED:  # an evaluation that stopped before it wrote anything leaves no directory in the run
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
-    finally:
-        while HELD:
-            os.close(HELD.pop())
-        CLAIMED.clear()
+        failed = False
+    finally:  # an evaluation that stopped before it wrote anything leaves no directory in the run
+        runs.release(failed)

@@ -8,19 +8,7 @@ from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 
-
-def claim(directory: Path, prefix: str) -> str:
-    """The name of a new directory ``<prefix>_<n>`` under ``directory``, created here: ``os.mkdir`` fails for all but
-    one of the processes that ask for the same name, and the others take the next ``n``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    numbers = [p.name.removeprefix(f"{prefix}_") for p in directory.glob(f"{prefix}_*")]
-    n = max((int(k) for k in numbers if k.isdigit()), default=-1) + 1
-    while True:
-        try:
-            (directory / f"{prefix}_{n}").mkdir()
-            return f"{prefix}_{n}"
-        except FileExistsError:
-            n += 1
+from project.runs import claim
 
 
 class TensorBoardLogger(LightningTensorBoardLogger):

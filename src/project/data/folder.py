@@ -20,9 +20,10 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from project.checkpoint import Interrupted, StopSignals
 from project.data.sets import Files, Tensors, decode
 from project.errors import ConfigError, DataError
+from project.files import replacing
+from project.signals import Interrupted, StopSignals
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 # the names a split folder may have beside train/
@@ -275,14 +276,9 @@ def _digest(cached: dict) -> str:
 
 
 def _write_cache(path: Path, cached: dict) -> None:
-    """Write-then-rename: two runs building the same cache at once, or a kill mid-write, leave a whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(cached, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # two runs building the same cache at once, or a kill mid-write, leave a whole file
+    with replacing(path) as f:
+        torch.save(cached, f)
 
 
 def expand(patterns: list[str]) -> list[Path]:

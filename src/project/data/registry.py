@@ -7,7 +7,6 @@ before use (torchvision checks MNIST files only for existence), and one error th
 
 import gzip
 import hashlib
-import os
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from project.errors import DataError
+from project.files import replacing
 
 _IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -181,26 +181,22 @@ def load(name: str, data_dir: str | Path, train: bool) -> tuple[torch.Tensor, to
 
 
 def _gunzip_from(dest: Path, sources: list[Path]) -> bool:
-    """Decompress ``<name>.gz`` from the first source directory that has it; write-then-rename so a kill
-    mid-copy leaves no truncated file behind."""
+    """Decompress ``<name>.gz`` from the first source directory that has it (a kill mid-copy leaves no truncated
+    file behind)."""
     for src in (d / f"{dest.name}.gz" for d in sources):
         if src.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp")
             try:
                 if src.stat().st_size == 0:
                     raise EOFError("the file is empty")
-                with gzip.open(src) as fin, open(tmp, "wb") as fout:
+                with gzip.open(src) as fin, replacing(dest) as fout:
                     shutil.copyfileobj(fin, fout, 1 << 20)
             except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-                tmp.unlink(missing_ok=True)
                 if isinstance(err, OSError) and not isinstance(err, gzip.BadGzipFile) and err.errno is not None:
                     raise  # the disk, not the file
                 raise DataError(
                     f"{src} is not a complete gzip file ({src.stat().st_size} bytes; {err or type(err).__name__}). "
                     "Delete it and run again: the template then fetches a fresh copy."
                 ) from None
-            os.replace(tmp, dest)
             return True
     return False
 

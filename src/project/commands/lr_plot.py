@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from project.experiments import config_stems, variants
+from project.commands.experiments import variants
+from project.configs import config_stems
 
 
 def schedule(config_args: list[str]) -> tuple[list[float], list[float]]:

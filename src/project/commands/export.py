@@ -44,12 +44,13 @@ def load_run(run: Path, ckpt: str, overrides: list[str]):
     import logging
 
     from project.checkpoint import read_checkpoint
-    from project.cli import CLI, check_same_task, run_checkpoint
+    from project.cli import CLI, check_same_task
+    from project.runs import checkpoint
 
     config_path = run / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"export {run}: {config_path} does not exist; give a run directory under logs/.")
-    path = run_checkpoint(run, ckpt)
+    path = checkpoint(run, ckpt)
     checkpoint = read_checkpoint(path)
     config = yaml.safe_load(config_path.read_text())
     for key in ("ckpt_path", "weights_only"):  # arguments of fit, not of the model and data
@@ -120,7 +121,7 @@ def main(argv: list[str]) -> None:
     images, _ = data.test_set.__getitems__(torch.arange(min(args.images, len(data.test_set))))
     claimed = args.out is None
     if claimed:
-        from project.logger import claim
+        from project.runs import claim
 
         args.out = args.run / claim(args.run, "export")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from project.configs import config_stems
 from project.errors import ConfigError
-from project.experiments import config_stems
 
 
 def _tuner(config_args: list[str], command: str, workdir: str):

@@ -30,8 +30,9 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from project.commands.experiments import variants
 from project.errors import ConfigError
-from project.experiments import variants
+from project.runs import newest_first
 
 COLUMNS = ["run", "status", "best val acc", "best epoch", "test acc", "train-val gap", "epochs", "wall s", "params"]
 CURVES = {"train loss": "train/loss_epoch", "val loss": "val/loss", "train acc": "train/acc", "val acc": "val/acc"}
@@ -45,8 +46,7 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
 
 def finished(root: Path) -> Path | None:
     """The newest run under ``root`` that got as far as its test."""
-    runs = sorted(root.glob("version_*"), key=lambda p: int(p.name.split("_")[-1]), reverse=True)
-    return next((run for run in runs if "test/acc" in scalars(run)), None)
+    return next((run for run in newest_first(root) if "test/acc" in scalars(run)), None)
 
 
 def summarize(name: str, run_dir: Path) -> dict:

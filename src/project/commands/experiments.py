@@ -15,15 +15,3 @@ def variants(directory: Path) -> dict[str, list[str]]:
     if not files:
         raise ConfigError(f"{directory} holds no variant configs (*.yaml besides base.yaml).")
     return {p.stem: [*stack, f"--config={p}"] for p in files}
-
-
-def config_paths(config_args: list[str]) -> list[Path]:
-    """The ``--config`` (``-c``) files among command-line arguments, in order."""
-    following = [*config_args[1:], ""][: len(config_args)]
-    return [Path(a.split("=", 1)[1] if "=" in a else b)
-            for a, b in zip(config_args, following, strict=True) if a.split("=")[0] in ("--config", "-c")]  # fmt: skip
-
-
-def config_stems(config_args: list[str]) -> list[str]:
-    """The names (file stems) of the ``--config`` files among command-line arguments, in order."""
-    return [p.stem for p in config_paths(config_args)]

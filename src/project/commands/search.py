@@ -47,7 +47,7 @@ import optuna
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from project.cli import DEFAULT_CONFIG
+from project.configs import DEFAULT_CONFIG
 from project.errors import ConfigError, ProjectError
 
 # heartbeats (how a restarted search retries the trial a killed one left running) are still "experimental" in Optuna
@@ -301,7 +301,7 @@ def run_search(args: argparse.Namespace, extra: list[str]) -> None:
         trial.set_user_attr("worker", worker)
         run_name = f"trial_{trial.number:03d}"
         # the trial's id lets the run's callback report to this very trial from its own process
-        report = {"class_path": "project.search.OptunaReport", "init_args": {
+        report = {"class_path": "project.commands.search.OptunaReport", "init_args": {
             "storage": url, "study": name, "trial_id": trial._trial_id, "monitor": args.monitor,
             "startup_trials": args.startup_trials, "warmup_epochs": args.warmup_epochs}}  # fmt: skip
         command = [sys.executable, "-m", "project", "fit", *base, *config_args(trial.params, space, args.space),

@@ -1,0 +1,34 @@
+"""Files that are whole or not there: how every checkpoint, cache and decompressed dataset file is written."""
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path, durable: bool = False) -> Iterator[BinaryIO]:
+    """A binary file to write that takes the place of ``path`` only once the block ends without an error: it is written
+    beside ``path`` under a hidden temporary name of this process's own (two writers never share one) and renamed over
+    it, so a kill at any moment leaves the old file or the new one, never a torn one. An error removes the temporary
+    file and leaves ``path`` as it was. ``durable``: the file's bytes, and then the rename, are on disk (fsync) before
+    the block returns, as a checkpoint's must be before training goes on."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:  # the rename itself is durable only once the directory entry is on disk
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+    finally:
+        tmp.unlink(missing_ok=True)

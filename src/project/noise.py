@@ -1,0 +1,36 @@
+"""What Lightning, jsonargparse and torch print that a user of the template cannot act on, left out. Applied once by the
+entry point (:func:`quiet`), not at import: a program that imports the template's classes sees every warning."""
+
+import logging
+import warnings
+
+WARNINGS = (
+    # the data is served from memory in whole batches: worker processes would only add copies
+    ".*does not have many workers.*",
+    # fewer batches an epoch than trainer.log_every_n_steps: the epoch's loss and accuracy are logged all the same
+    ".*is smaller than the logging interval.*",
+    # a config that switches a class (another net, optimizer or scheduler) drops the earlier class's arguments that the
+    # new one does not take: that is what stacking means here, not news
+    "Due to class_path change",
+    # a resumed run writes into its own checkpoint directory again, as it should
+    ".*exists and is not empty",
+    # a run resumed in the middle of an epoch trains the rest of it from the start of that epoch's order, as the README
+    # says
+    "You're resuming from a checkpoint that ended before the epoch ended",
+    # Lightning 2.6 builds torch pytrees the way torch 2.14 deprecates
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+# an advert for Lightning's cloud logger, and a note that the configured model summary replaces Lightning's default one
+MESSAGES = ("💡 Tip", "already configured with model summary")
+
+
+class _Drop(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in MESSAGES)
+
+
+def quiet() -> None:
+    for pattern in WARNINGS:
+        warnings.filterwarnings("ignore", pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_Drop())
