@@ -108,9 +108,9 @@ def folder_fit(tmp_path: Path, root: Path, *extra: str) -> list[str]:
     return [
         "fit",
         f"--config={ROOT / 'configs/folder.yaml'}",
-        f"--data.folder={root}",
+        f"--data.source.root={root}",
         f"--data.data_dir={tmp_path / 'data'}",
-        "--data.image_size=28",
+        "--data.source.image_size=28",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         *TINY,
         *extra,
@@ -161,18 +161,19 @@ class Child:
     a real process (its own signals, exit code, kill -9) that starts in milliseconds instead of seconds. Its stdout
     and stderr go to ``log``. For what a shell's ``python -m project`` must do itself, use :func:`run`."""
 
-    def __init__(self, args: list[str], log: Path, **env: str):
+    def __init__(self, args: list[str], log: Path, cwd: Path = ROOT, **env: str):
         self.log = log
-        self.process = multiprocessing.get_context("fork").Process(target=self._main, args=(args, log, env))
+        self.process = multiprocessing.get_context("fork").Process(target=self._main, args=(args, log, cwd, env))
         self.process.start()
         self.pid = self.process.pid
 
     @staticmethod
-    def _main(args: list[str], log: Path, env: dict[str, str]) -> None:
+    def _main(args: list[str], log: Path, cwd: Path, env: dict[str, str]) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.environ.update({**OFFLINE, **env})
-        os.chdir(ROOT)
+        os.chdir(cwd)
+        sys.path.insert(0, str(cwd))  # as `python -m project` imports a user's files from where it runs
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -213,9 +214,9 @@ class Child:
         return self.log.read_text()
 
 
-def forked(args: list[str], log: Path) -> Result:
+def forked(args: list[str], log: Path, cwd: Path = ROOT) -> Result:
     """:class:`Child` run to its end; its output (stdout and stderr together) as both streams."""
-    child = Child(args, log)
+    child = Child(args, log, cwd)
     code = child.wait()
     return Result(code, child.output, child.output)
 

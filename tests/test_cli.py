@@ -31,7 +31,7 @@ def test_fit_saves_config_and_tests_the_best_checkpoint(tmp_path, fashion_dir):
         and (run_dir / "checkpoints" / "last.ckpt").exists()
     )
     assert c.trainer.ckpt_path == best  # the test after fit loaded the best checkpoint
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["data_dir"] == str(fashion_dir)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["init_args"]["data_dir"] == str(fashion_dir)
     logged = c.trainer.callback_metrics
     assert {"test/acc", "test/loss", "test/f1", "test/acc_top5"} <= set(logged)
     events = EventAccumulator(str(run_dir)).Reload()
@@ -124,20 +124,22 @@ def test_configs_stack_on_the_default_and_print():
                      "--print_config"])  # fmt: skip
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
-    assert config["model"]["optimizer"]["class_path"] == "torch.optim.SGD"
-    assert config["model"]["optimizer"]["init_args"]["nesterov"] is True
-    assert config["model"]["optimizer"]["init_args"]["weight_decay"] == 0.0005  # the preset's, not AdamW's 0.05
-    assert config["model"]["scheduler"]["class_path"] == "torch.optim.lr_scheduler.StepLR"
-    assert config["model"]["scheduler_interval"] == "epoch"
-    assert config["data"]["dataset"] == "fashion_mnist"  # from configs/default.yaml, the first config of every run
+    model = config["model"]["init_args"]
+    assert model["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert model["optimizer"]["init_args"]["nesterov"] is True
+    assert model["optimizer"]["init_args"]["weight_decay"] == 0.0005  # the preset's, not AdamW's 0.05
+    assert model["scheduler"]["class_path"] == "torch.optim.lr_scheduler.StepLR"
+    assert model["scheduler_interval"] == "epoch"
+    # from configs/default.yaml, the first config of every run
+    assert config["data"]["init_args"]["source"] == "fashion_mnist"
     assert config["checkpoint"]["monitor"] == "val/acc" and config["early_stopping"]["patience"] == 3
     # one way to set the optimizer: no LightningCLI top-level optimizer / lr_scheduler
     assert "optimizer" not in config and "lr_scheduler" not in config
 
 
-def _without_comments(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "trainer"} | {"trainer": {
-        k: v for k, v in config["trainer"].items() if k in ("max_epochs", "logger", "callbacks")}}  # fmt: skip
+def _arguments(section: dict) -> dict:
+    """A config section's arguments: those of its class (subclass mode: ``class_path`` and ``init_args``), or itself."""
+    return section.get("init_args", {}) if "class_path" in section else section
 
 
 def test_no_config_runs_exactly_the_default_yaml():
@@ -146,8 +148,9 @@ def test_no_config_runs_exactly_the_default_yaml():
     assert plain == explicit
     default = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
     for section in ("model", "data", "checkpoint", "early_stopping"):
-        for key, value in default[section].items():
-            resolved = plain[section][key]
+        assert plain[section].get("class_path") == default[section].get("class_path")
+        for key, value in _arguments(default[section]).items():
+            resolved = _arguments(plain[section])[key]
             if isinstance(value, dict) and "class_path" in value:
                 assert resolved["class_path"] == value["class_path"]
                 assert value.get("init_args", {}).items() <= resolved["init_args"].items(), key
@@ -169,7 +172,8 @@ def test_every_config_sets_only_what_differs_from_the_default():
             for key, value in (values or {}).items() if isinstance(values, dict) else ():
                 if key in ("net", "optimizer", "scheduler", "logger", "callbacks") or section not in default:
                     continue
-                assert default[section].get(key, object()) != value, f"{path}: {section}.{key} repeats the default"
+                repeated = _arguments(default[section]).get(key, object()) == value
+                assert not repeated, f"{path}: {section}.{key} repeats the default"
 
 
 def test_top_level_optimizer_flags_do_not_exist():
@@ -194,7 +198,7 @@ def test_every_optimizer_and_scheduler_preset_builds_and_steps(tmp_path, fashion
             "--trainer.limit_val_batches=1",
         )
     )
-    spec = yaml.safe_load(preset.read_text())["model"]
+    spec = _arguments(yaml.safe_load(preset.read_text())["model"])
     optimizer = c.trainer.optimizers[0]
     if "optimizer" in spec:
         assert type(optimizer).__name__ == spec["optimizer"]["class_path"].rsplit(".", 1)[1]
@@ -207,10 +211,12 @@ def test_every_optimizer_and_scheduler_preset_builds_and_steps(tmp_path, fashion
         return
     config = schedulers[0]
     # an optimizer preset keeps the default config's one-cycle schedule
-    scheduler = spec.get("scheduler", {"class_path": "torch.optim.lr_scheduler.OneCycleLR"})
+    scheduler = spec.get("scheduler", {"class_path": "project.schedulers.OneCycleLR"})
     assert type(config.scheduler).__name__ == scheduler["class_path"].rsplit(".", 1)[1]
     assert config.interval == spec.get("scheduler_interval", "step")
     assert config.scheduler.last_epoch == (6 if config.interval == "step" else 2)
+    if isinstance(config.scheduler, torch.optim.lr_scheduler.OneCycleLR):  # one learning rate: one-cycle peaks at it
+        assert [g["max_lr"] for g in optimizer.param_groups] == [optimizer.defaults["lr"]]
 
 
 def test_debug_preset_runs_one_batch_and_writes_nothing(tmp_path, fashion_dir):
@@ -229,7 +235,7 @@ def _error(result) -> str:
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--data.dataset=imagenet"], ["imagenet", "mnist", "fashion_mnist", "cifar10"]),
+        (["--data.source=imagenet"], ["data.source", "imagenet", "mnist", "fashion_mnist", "cifar10"]),
         (["--model.net=project.models.Transformer"], ["project.models.Transformer"]),
         (["--model.optimizer=torch.optim.Sgd"], ["torch.optim.Sgd"]),
         (["--trainer.max_epoch=3"], ["max_epoch"]),

@@ -5,10 +5,11 @@ import pytest
 import torch
 from conftest import OFFLINE, ROOT, invoke, write_idx
 
-from project.data import DATASETS, ImageDataModule
+from project.data import DATASETS, Builtin, ImageDataModule
 from project.data.augment import random_crop, random_hflip
-from project.data.datamodule import DatasetName
+from project.data.datamodule import BuiltinName
 from project.errors import ConfigError, DataError
+from project.module import Normalize
 
 
 def setup(dm: ImageDataModule, *stages: str) -> ImageDataModule:
@@ -19,7 +20,7 @@ def setup(dm: ImageDataModule, *stages: str) -> ImageDataModule:
 
 
 def test_config_names_every_registered_dataset():
-    assert set(typing.get_args(DatasetName)) == {*DATASETS, "folder"}
+    assert set(typing.get_args(BuiltinName)) == set(DATASETS)
 
 
 def test_fashion_mnist_split_and_test_set(fashion_dir):
@@ -38,7 +39,7 @@ def test_fashion_mnist_split_and_test_set(fashion_dir):
     assert torch.equal(same.val_set.y, again.val_set.y) and not torch.equal(other.val_set.y, again.val_set.y)
 
 
-def test_batches_are_whole_tensors_normalised_on_transfer(fashion_dir):
+def test_batches_are_whole_uint8_tensors_that_the_model_normalises(fashion_dir):
     dm = setup(ImageDataModule("fashion_mnist", 512, str(fashion_dir)), "fit")
     dm.trainer = SimpleNamespace(training=False, strategy=SimpleNamespace(root_device=torch.device("cpu")))
     loader = dm.train_dataloader()
@@ -46,9 +47,13 @@ def test_batches_are_whole_tensors_normalised_on_transfer(fashion_dir):
     x, y = next(iter(loader))
     assert x.dtype == torch.uint8 and x.shape == (512, 1, 28, 28) and y.shape == (512,)
     x, y = dm.on_after_batch_transfer((x, y), 0)
-    assert x.dtype == torch.float32
-    # normalised with the dataset's own statistics: about zero mean, unit std
-    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1
+    assert x.dtype == torch.uint8  # normalised in the model, which keeps the statistics the data gives it
+    normalize = Normalize(1)
+    normalize.set(dm.mean, dm.std)
+    z = normalize(x)
+    assert z.dtype == torch.float32 and abs(z.mean().item()) < 0.1 and abs(z.std().item() - 1) < 0.1
+    # floats are taken to be in [0, 1] (torchvision's convention): the same images, the same inputs to the net
+    assert torch.allclose(normalize(x.float() / 255), z, atol=1e-5)
     # shuffled each epoch, by the epoch's number alone: the same epoch, the same order (a resumed run's)
     first = next(iter(loader))[1]
     assert torch.equal(next(iter(loader))[1], first)
@@ -135,7 +140,7 @@ def test_missing_data_without_network_names_directory_files_and_remedies(tmp_pat
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
     logs = tmp_path / "logs"
-    result = invoke(["fit", "--data.dataset=mnist", f"--data.data_dir={tmp_path}", "--model.net=project.models.MLP",
+    result = invoke(["fit", "--data.source=mnist", f"--data.data_dir={tmp_path}", "--model.net=project.models.MLP",
                      f"--trainer.logger.init_args.save_dir={logs}"])  # fmt: skip
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
@@ -155,7 +160,7 @@ def test_missing_data_without_network_names_directory_files_and_remedies(tmp_pat
 
 def test_missing_data_with_download_off(tmp_path):
     with pytest.raises(DataError, match=r"download is off .* place the files \(or their \.gz\) in"):
-        ImageDataModule("cifar10", 256, str(tmp_path), download=False).prepare_data()
+        ImageDataModule(Builtin("cifar10", download=False), 256, str(tmp_path)).prepare_data()
 
 
 def test_local_gz_copy_is_used(tmp_path, fashion_dir):

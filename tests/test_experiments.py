@@ -17,8 +17,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @functools.cache
-def curve(config: str) -> tuple[list[float], list[float]]:
-    return schedule([f"--config={ROOT / config}"])
+def curve(config: str, *args: str) -> tuple[list[float], list[float]]:
+    return schedule([f"--config={ROOT / config}", *args])
 
 
 def lr_at(config: str, epoch: float) -> float:
@@ -36,8 +36,11 @@ def test_lr_schedules_without_training():
     assert lr_at(restarts, 1.0) < base and lr_at(restarts, 2.0) == pytest.approx(base)  # T_0 = 2: a restart
     x, lr = curve("configs/schedulers/onecycle.yaml")
     assert len(lr) == 10 * (55000 // 128)  # one point per optimizer step of the default's 10 epochs
-    assert max(lr) == pytest.approx(0.01, rel=1e-3) and x[lr.index(max(lr))] == pytest.approx(10 * 0.3, abs=0.05)
+    # one learning rate: one cycle peaks at the optimizer's, and follows it when it changes
+    assert max(lr) == pytest.approx(base, rel=1e-3) and x[lr.index(max(lr))] == pytest.approx(10 * 0.3, abs=0.05)
     assert lr[-1] < 1e-5
+    _, lr = curve("configs/schedulers/onecycle.yaml", "--model.optimizer.init_args.lr=0.02")
+    assert max(lr) == pytest.approx(0.02, rel=1e-3)
     plateau = "configs/schedulers/plateau.yaml"
     assert lr_at(plateau, 2.5) == pytest.approx(base) and lr_at(plateau, 7.5) < base
 
@@ -114,7 +117,7 @@ def test_tensorboard_serves_the_runs_story(tmp_path, fashion_dir):
         metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
         assert {"test/acc", "val/acc_best"} <= metrics
         hparams = {h["name"] for h in experiment["hparamInfos"]}
-        assert {"net/class_path", "optimizer/init_args/lr", "batch_size", "dataset"} <= hparams
+        assert {"net/class_path", "optimizer/init_args/lr", "batch_size", "source"} <= hparams
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import FOLDER_CLASSES, ROOT, fit_args, folder_fit, invoke
 
-from project.commands.export import Deployable
-from project.data import ImageDataModule
+from project.data import ImageDataModule, ImageFolder
+from project.module import ImageClassifier
 
 CLASSES = sorted(FOLDER_CLASSES)
 
@@ -54,12 +54,12 @@ def test_export_computes_what_the_checkpoint_computes(folder_run, image_folder, 
     session = onnxruntime.InferenceSession(str(out / "model.onnx"))
     (inp,) = session.get_inputs()
     assert (inp.name, inp.type, inp.shape) == ("images", "tensor(uint8)", ["batch", 3, 28, 28])
-    # against predict, which normalises in the data module as training did: the test split's probabilities
+    # against predict, the same module in PyTorch: the test split's probabilities
     predict = ["predict", *folder_fit(tmp_path, image_folder)[1:], f"--ckpt_path={info['checkpoint']}",
                "--predictions.top_k=3"]  # fmt: skip
     assert invoke(predict).returncode == 0
     expected = softmax_rows(folder_run / "predict_0" / "predictions.csv")
-    dm = ImageDataModule("folder", 32, str(tmp_path / "data"), folder=str(image_folder), image_size=28, val_size=0.1)
+    dm = ImageDataModule(ImageFolder(str(image_folder), image_size=28), 32, str(tmp_path / "data"), val_size=0.1)
     dm.setup("test")
     images = dm.test_set.x.numpy()
     assert len(images) == n
@@ -81,11 +81,11 @@ def test_binary_export_gives_one_logit_per_class(fashion_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     info = json.loads((tmp_path / "shipped" / "model.json").read_text())
     assert info["classes"] == ["not Bag", "Bag"] and info["input"]["shape"] == ["batch", 1, 28, 28]
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 1))
-    deployable = Deployable(net, (0.5,), (0.25,))
-    x = torch.randint(0, 255, (5, 1, 2, 2), dtype=torch.uint8)
-    z = net((x.float() / 255 - 0.5) / 0.25)
-    assert torch.allclose(deployable(x).softmax(1)[:, 1:], torch.sigmoid(z), atol=1e-6)
+    model = ImageClassifier.load_from_checkpoint(info["checkpoint"]).eval()
+    x = torch.randint(0, 255, (5, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():  # (0, z): softmax is (1 - sigmoid(z), sigmoid(z)) of the net's one logit
+        z = model.net(model.normalize(x).contiguous(memory_format=torch.channels_last))[:, 0]
+        assert torch.allclose(model(x).softmax(1)[:, 1], torch.sigmoid(z), atol=1e-6)
 
 
 def test_a_mismatch_fails_the_command(folder_run, monkeypatch):
@@ -96,7 +96,7 @@ def test_a_mismatch_fails_the_command(folder_run, monkeypatch):
     assert re.search(r"error: model.onnx in .*export_0 do not compute what PyTorch computes", result.stderr)
     assert "model.pt2" not in result.stderr.splitlines()[-1]
     info = json.loads((folder_run / "export_0" / "model.json").read_text())
-    assert Path(info["checkpoint"]).is_absolute() and "test images of image folder" in info["parity"]["images"]
+    assert Path(info["checkpoint"]).is_absolute() and "test images of ImageDataModule" in info["parity"]["images"]
 
 
 def test_an_interrupted_export_leaves_no_files(folder_run, tmp_path, monkeypatch):

@@ -11,18 +11,25 @@ import torch
 import yaml
 from conftest import FOLDER_CLASSES, folder_fit, invoke, run, write_image_folder
 
-from project.data import ImageDataModule
+from project.data import ImageDataModule, ImageFolder
+from project.data import cache as caches
 from project.data import folder as folders
 from project.data.sets import decode
-from project.errors import ConfigError, DataError
+from project.errors import DataError
+from project.module import ImageClassifier
 
 CLASSES = tuple(sorted(FOLDER_CLASSES))  # class names are the folder names, sorted
 
 
 def folder_data(root: Path, cache: Path, **kwargs) -> ImageDataModule:
-    kwargs = {"image_size": 28, "val_size": 0.1, "test_size": 0.1, **kwargs}
-    dm = ImageDataModule("folder", kwargs.pop("batch_size", 32), str(cache), folder=str(root), **kwargs)
+    source = {
+        "image_size": 28,
+        **{k: kwargs.pop(k) for k in ("image_size", "channels", "in_memory_max_mb") if k in kwargs},
+    }
+    kwargs = {"val_size": 0.1, "test_size": 0.1, **kwargs}
+    dm = ImageDataModule(ImageFolder(str(root), **source), kwargs.pop("batch_size", 32), str(cache), **kwargs)
     dm.setup("fit")
+    dm.setup("test")
     return dm
 
 
@@ -93,10 +100,8 @@ def test_images_are_converted_and_resized_as_configured(image_folder, tmp_path):
 def test_cache_is_used_until_a_file_changes(fashion_dir, tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "images", fashion_dir, 20)
     decoded = []
-    real = folders.decode_all
-    monkeypatch.setattr(
-        folders, "decode_all", lambda files, *a, **k: decoded.append(len(files)) or real(files, *a, **k)
-    )
+    real = caches.decode_all
+    monkeypatch.setattr(caches, "decode_all", lambda files, *a, **k: decoded.append(len(files)) or real(files, *a, **k))
     first = folder_data(root, tmp_path / "cache")
     assert decoded == [60] and len(list((tmp_path / "cache" / "folders").glob("*.pt"))) == 1
     again = folder_data(root, tmp_path / "cache")
@@ -137,7 +142,7 @@ def test_streamed_and_in_memory_serve_the_same_batches(image_folder, tmp_path):
 
 
 def test_streamed_folder_trains_with_workers(image_folder, tmp_path):
-    result = invoke(folder_fit(tmp_path, image_folder, "--data.in_memory_max_mb=0", "--data.num_workers=2"))
+    result = invoke(folder_fit(tmp_path, image_folder, "--data.source.in_memory_max_mb=0", "--data.num_workers=2"))
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "logs" / "folder" / "version_0" / "checkpoints").glob("best-*.ckpt"))
 
@@ -145,14 +150,15 @@ def test_streamed_folder_trains_with_workers(image_folder, tmp_path):
 @pytest.mark.parametrize("net", ["SoftmaxRegression", "MLP", "LeNet", "ConvNet", "ResNet"])
 def test_every_model_trains_on_a_folder(image_folder, tmp_path, net):
     # RGB, not square, with the crop and flip augmentations
-    args = [f"--model.net=project.models.{net}", "--data.image_size=[30,36]", "--data.crop_padding=2"]
+    args = [f"--model.net=project.models.{net}", "--data.source.image_size=[30,36]", "--data.crop_padding=2"]
     result = invoke(folder_fit(tmp_path, image_folder, *args, "--data.hflip=true", "--trainer.limit_train_batches=2"))
     assert result.returncode == 0, result.stderr
 
 
 def test_training_learns_the_folder_classes(image_folder, tmp_path):
     args = ["--trainer.max_epochs=6", "--trainer.limit_train_batches=null", "--trainer.limit_val_batches=null",
-            "--trainer.limit_test_batches=null", "--model.net=project.models.ConvNet", "--data.channels=1"]  # fmt: skip
+            "--trainer.limit_test_batches=null", "--model.net=project.models.ConvNet",
+            "--data.source.channels=1"]  # fmt: skip
     result = invoke(folder_fit(tmp_path, image_folder, *args))
     assert result.returncode == 0, result.stderr
     acc = float(next(line for line in result.stdout.splitlines() if "test/acc" in line).split()[-2])
@@ -199,13 +205,22 @@ def test_predict_on_files_folders_and_globs(fashion_dir, tmp_path):
 def test_checkpoint_keeps_the_normalisation_and_classes(image_folder, tmp_path):
     assert invoke(folder_fit(tmp_path, image_folder)).returncode == 0
     last = tmp_path / "logs" / "folder" / "version_0" / "checkpoints" / "last.ckpt"
-    state = torch.load(last, weights_only=True)["ImageDataModule"]
-    dm = folder_data(image_folder, tmp_path / "data")
-    assert state == {"mean": list(dm.mean), "std": list(dm.std), "classes": list(CLASSES)}
-    dm.load_state_dict({**state, "mean": [0.5] * 3, "std": [0.25] * 3})  # what a run trained with wins
-    assert torch.allclose(dm.normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)), torch.tensor(2.0))
-    with pytest.raises(ConfigError, match="trained on the classes bag, cat"):
-        dm.load_state_dict({**state, "classes": ["bag", "cat", "dog"]})
+    ckpt = torch.load(last, weights_only=True)
+    dm = folder_data(image_folder, tmp_path / "data")  # the train split's statistics, measured again
+    assert torch.allclose(ckpt["state_dict"]["normalize.mean"], torch.tensor(dm.mean))
+    assert torch.allclose(ckpt["state_dict"]["normalize.std"], torch.tensor(dm.std))
+    assert ckpt["hyper_parameters"]["classes"] == list(CLASSES) and tuple(ckpt["hyper_parameters"]["in_shape"]) == (
+        3,
+        28,
+        28,
+    )
+    # the module alone, as a user's script loads it, predicts as the run does: uint8 images or floats in [0, 1]
+    model = ImageClassifier.load_from_checkpoint(last).eval()
+    x = dm.test_set.x[:16]
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x.float() / 255).to(model(x).dtype)) or torch.allclose(
+            model(x), model(x.float() / 255), atol=1e-5
+        )
 
 
 @pytest.mark.parametrize(
@@ -237,21 +252,15 @@ def test_bad_folders_and_settings_through_the_cli(image_folder, fashion_dir, tmp
     assert result.returncode == 0, result.stderr
     assert "skipped 1 of 90 files" in result.stderr and "0001.png" in result.stderr
     for args, code, expected in (
-        (["--data.folder=null"], 2, "data.dataset folder needs data.folder"),
-        ([f"--data.folder={root / 'bag' / '0002.png'}"], 1, "is a file, not a directory"),
-        (["--data.image_size=0"], 2, "data.image_size=0"),
+        ([f"--data.source.root={root / 'bag' / '0002.png'}"], 1, "is a file, not a directory"),
+        (["--data.source.image_size=0"], 2, "image_size=0"),
         (
-            ["--data.image_size=4", "--model.net=project.models.ConvNet"],
+            ["--data.source.image_size=4", "--model.net=project.models.ConvNet"],
             2,
             "fails on a batch of images of shape (3, 4, 4)",
         ),
         (["--data.test_size=0.0"], 2, "data.test_size=0.0 cannot split"),
         (["--data.val_size=0.6", "--data.test_size=0.5"], 2, "leave no training images"),
-        (
-            ["--data.dataset=fashion_mnist", f"--data.data_dir={fashion_dir}"],
-            2,
-            "data.folder is for data.dataset folder",
-        ),
     ):
         result = invoke(folder_fit(tmp_path, root, *args))
         lines = result.stderr.strip().splitlines()
@@ -309,9 +318,9 @@ def test_ctrl_c_while_decoding_stops_and_caches_nothing(image_folder, tmp_path, 
         return decode(*args)
 
     def getitem(self, i):
-        return decode_then_signal(self.files[i], self.size, self.channels)
+        return decode_then_signal(self.files[i], self.size, self.channels), -1
 
-    monkeypatch.setattr(folders._Decoded, "__getitem__", getitem)
+    monkeypatch.setattr(folders.Decoded, "__getitem__", getitem)
     with StopSignals(), pytest.raises(Interrupted) as stopped:
         folders.cache(image_folder, (28, 28), 3, tmp_path, 2048, 0)
     assert stopped.value.exit_code == 130 and len(calls) < 300 and not (tmp_path / "folders").exists()
@@ -324,15 +333,15 @@ def test_a_changed_folder_after_training(fashion_dir, tmp_path):
     # the folder moved: export and predict are told where it is now
     moved = root.rename(tmp_path / "moved")
     result = invoke(["export", str(run)])
-    assert result.returncode == 1 and f"data.folder {root} does not exist" in result.stderr
-    assert invoke(["export", str(run), f"--data.folder={moved}"]).returncode == 0
+    assert result.returncode == 1 and f"data.source.root {root} does not exist" in result.stderr
+    assert invoke(["export", str(run), f"--data.source.root={moved}"]).returncode == 0
     out = run / "export_0"
-    result = invoke(["export", str(run), f"--data.folder={moved}", f"--out={out}"])
+    result = invoke(["export", str(run), f"--data.source.root={moved}", f"--out={out}"])
     assert result.returncode == 2 and "exist there already" in result.stderr
     # a class added since: one message naming both lists of classes
     shutil.copytree(moved / "bag", moved / "coat")
     last = run / "checkpoints" / "last.ckpt"
-    for command in (["export", str(run), f"--data.folder={moved}"],
+    for command in (["export", str(run), f"--data.source.root={moved}"],
                     ["test", *folder_fit(tmp_path, moved)[1:], f"--ckpt_path={last}"]):  # fmt: skip
         result = invoke(command)
         assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -384,10 +393,13 @@ def test_a_class_named_like_a_split_and_an_empty_folder_name_say_so(fashion_dir,
     (root / "sneaker").rename(root / "train")
     with pytest.raises(DataError, match="train/ is the train split: no class can be named train"):
         folders.classes_of(root)
-    result = invoke(folder_fit(tmp_path, root, "--data.folder="))
-    assert result.returncode == 2 and "data.dataset folder needs data.folder" in result.stderr.splitlines()[-1]
-    result = invoke(folder_fit(tmp_path, root, "--data.in_memory_max_mb=-1"))
-    assert result.returncode == 2 and "data.in_memory_max_mb cannot be negative" in result.stderr.splitlines()[-1]
+    result = invoke(folder_fit(tmp_path, root, "--data.source.root="))
+    assert (
+        result.returncode == 2
+        and "data.source.root: Not of type AbsolutePath: an empty path" in result.stderr.splitlines()[-1]
+    )
+    result = invoke(folder_fit(tmp_path, root, "--data.source.in_memory_max_mb=-1"))
+    assert result.returncode == 2 and "in_memory_max_mb=-1 cannot be negative" in result.stderr.splitlines()[-1]
 
 
 def test_a_damaged_cache_is_rebuilt_not_trained_on(image_folder, tmp_path, capsys):
@@ -397,7 +409,7 @@ def test_a_damaged_cache_is_rebuilt_not_trained_on(image_folder, tmp_path, capsy
         f.seek(cache.stat().st_size // 2)
         f.write(b"\xff" * 20_000)
     again = folder_data(image_folder, tmp_path)
-    assert "are damaged; decoding the folder again" in capsys.readouterr().err
+    assert "are damaged; decoding them again" in capsys.readouterr().err
     assert torch.equal(again.train_set.x, first.train_set.x)
 
 
@@ -405,11 +417,11 @@ def test_a_run_keeps_its_folder_whatever_the_directory(image_folder, tmp_path):
     # the folder given relative to where fit ran is saved absolute: test, resume and export from elsewhere read it
     (tmp_path / "here").mkdir()
     (tmp_path / "here" / "photos").symlink_to(image_folder)
-    args = [a for a in folder_fit(tmp_path, image_folder) if not a.startswith("--data.folder")]
-    result = run([*args, "--data.folder=photos"], cwd=tmp_path / "here")
+    args = [a for a in folder_fit(tmp_path, image_folder) if not a.startswith("--data.source.root")]
+    result = run([*args, "--data.source.root=photos"], cwd=tmp_path / "here")
     assert result.returncode == 0, result.stderr[-2000:]
     saved = yaml.safe_load((tmp_path / "logs" / "folder" / "version_0" / "config.yaml").read_text())
-    assert saved["data"]["folder"] == str(tmp_path / "here" / "photos")
+    assert saved["data"]["init_args"]["source"]["init_args"]["root"] == str(tmp_path / "here" / "photos")
 
 
 def test_an_unquoted_pattern_is_named(image_folder, tmp_path):

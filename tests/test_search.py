@@ -32,7 +32,7 @@ def study(tmp_path: Path) -> optuna.Study:
 
 
 GRID = """\
-model.scheduler.init_args.max_lr: {choices: [0.01, 1.0e-7]}
+model.optimizer.init_args.lr: {choices: [0.01, 1.0e-7]}
 model.optimizer.init_args.weight_decay: {choices: [0.0123]}
 optimizer: {configs: [configs/optimizers/adamw.yaml, configs/optimizers/sgd_nesterov.yaml]}
 """
@@ -49,17 +49,17 @@ def test_grid_search_trains_what_it_samples_prunes_and_writes_a_best_yaml(tmp_pa
     trials = study(tmp_path).trials
     for trial in trials:  # each trial's saved config holds exactly its parameters, the files' values overridden
         saved = directory / f"trial_{trial.number:03d}" / "version_0" / "config.yaml"
-        model = yaml.safe_load(saved.read_text())["model"]
+        model = yaml.safe_load(saved.read_text())["model"]["init_args"]
         optimizer = yaml.safe_load((ROOT / trial.params["optimizer"]).read_text())["model"]["optimizer"]
         assert model["optimizer"]["class_path"] == optimizer["class_path"]
         assert model["optimizer"]["init_args"]["weight_decay"] == 0.0123  # not the file's 0.05 or 0.0005
-        assert model["scheduler"]["init_args"]["max_lr"] == trial.params["model.scheduler.init_args.max_lr"]
+        assert model["optimizer"]["init_args"]["lr"] == trial.params["model.optimizer.init_args.lr"]
     # after the first trial (never pruned), a learning rate of 1e-7 is pruned at its first report
-    slow = [t for t in trials if t.params["model.scheduler.init_args.max_lr"] == 1e-7]
+    slow = [t for t in trials if t.params["model.optimizer.init_args.lr"] == 1e-7]
     assert len(slow) == 2
     assert all(t.state == optuna.trial.TrialState.PRUNED and len(t.intermediate_values) == 1 for t in slow)
     best = study(tmp_path).best_trial
-    assert best.state == optuna.trial.TrialState.COMPLETE and best.params["model.scheduler.init_args.max_lr"] == 0.01
+    assert best.state == optuna.trial.TrialState.COMPLETE and best.params["model.optimizer.init_args.lr"] == 0.01
     assert best.value == max(best.intermediate_values.values())  # the objective is the best val/acc of the run
     for name in ("trials.md", "trials.csv", "history.png", "best.yaml"):
         assert (directory / name).stat().st_size > 0, name
@@ -67,8 +67,8 @@ def test_grid_search_trains_what_it_samples_prunes_and_writes_a_best_yaml(tmp_pa
 
     # best.yaml is a whole config, with the best trial's values, that fit takes as it is
     config = yaml.safe_load((directory / "best.yaml").read_text())
-    assert config["model"]["optimizer"]["init_args"]["weight_decay"] == 0.0123
-    assert config["model"]["scheduler"]["init_args"]["max_lr"] == 0.01
+    assert config["model"]["init_args"]["optimizer"]["init_args"]["weight_decay"] == 0.0123
+    assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.01
     trained = invoke(["fit", f"--config={directory / 'best.yaml'}", *TINY, f"--data.data_dir={fashion_dir}",
                       f"--trainer.logger.init_args.save_dir={tmp_path / 'best'}"])  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-2000:]
@@ -92,7 +92,7 @@ def _has_heartbeat(db: Path, trial_id: int) -> bool:
         return connection.execute(query, (trial_id,)).fetchone() is not None
 
 
-SPACE = "model.scheduler.init_args.max_lr: {low: 1.0e-3, high: 1.0e-2, log: true}\n"
+SPACE = "model.optimizer.init_args.lr: {low: 1.0e-3, high: 1.0e-2, log: true}\n"
 
 
 @pytest.mark.slow

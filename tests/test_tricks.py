@@ -84,7 +84,7 @@ def test_swa_averages_epoch_ends_from_its_start_epoch(tmp_path, fashion_dir):
 
 
 def classifier(**kwargs) -> ImageClassifier:
-    kwargs = {"scheduler": None, "scheduler_interval": "epoch", "in_shape": (1, 8, 8), "num_classes": 10,
+    kwargs = {"scheduler": None, "scheduler_interval": "epoch", "in_shape": (1, 8, 8), "classes": list("0123456789"),
               "channels_last": False, **kwargs}  # fmt: skip
     torch.manual_seed(0)
     return ImageClassifier(lambda s, n: ConvNet(s, n, widths=[4]), lambda p: torch.optim.SGD(p, lr=0.1), **kwargs)
@@ -98,8 +98,10 @@ def test_label_smoothing_is_the_training_loss_only():
     log_p = logits.log_softmax(1)
     expected = (0.9 * -log_p.gather(1, y[:, None]).squeeze(1) - 0.1 * log_p.mean(1)).mean()
     assert torch.allclose(smoothed, expected) and torch.allclose(model._step((x, y))[0], F.cross_entropy(logits, y))
-    binary = classifier(num_classes=2)
-    z = binary(x).squeeze(1)
+    binary = classifier(classes=["no", "yes"])
+    logits = binary(x)
+    z = logits[:, 1]
+    assert torch.equal(logits[:, 0], torch.zeros(6))  # a binary net's logit z as (0, z)
     target = y.remainder(2).float()
     assert torch.allclose(binary._step((x, y.remainder(2)), smoothing=0.2)[0],
                           F.binary_cross_entropy_with_logits(z, target * 0.8 + 0.1))  # fmt: skip
@@ -138,8 +140,9 @@ def test_mixed_targets_sum_to_one_and_accuracy_counts_their_shares(fashion_dir, 
 def test_random_erasing_boxes():
     torch.manual_seed(0)
     x = torch.ones(500, 1, 28, 28)
-    assert torch.equal(random_erasing(x, 0.0), x)
-    erased = random_erasing(x, 1.0)
+    black = torch.zeros(1)
+    assert torch.equal(random_erasing(x, 0.0, black), x)
+    erased = random_erasing(x, 1.0, black)
     zeros = erased == 0
     assert zeros.flatten(1).any(1).all()  # every image has a box
     for image in zeros[:50, 0]:  # one rectangle: its rows and columns span exactly the zeros
@@ -147,8 +150,12 @@ def test_random_erasing_boxes():
         assert image.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
     area = zeros.flatten(1).float().mean(1)
     assert area.min() > 0.01 and area.max() < 0.4 and len(set(area.tolist())) > 20  # a box per image
-    half = random_erasing(x, 0.5)
+    half = random_erasing(x, 0.5, black)
     assert 0.4 < (half == 0).flatten(1).any(1).float().mean() < 0.6
+    # the box has the given colour per channel (the data module gives its train split's mean: 0 once normalised)
+    colour = torch.tensor([0.2, 0.5, 0.7])
+    boxed = random_erasing(torch.ones(20, 3, 28, 28), 1.0, colour)
+    assert torch.equal((boxed != 1).any(1), (boxed == colour.view(1, 3, 1, 1)).all(1))
 
 
 def test_tta_on_a_symmetric_input_equals_no_tta():
@@ -184,7 +191,8 @@ def test_every_trick_together_trains(tmp_path, fashion_dir):
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load((run_dir(tmp_path) / "config.yaml").read_text())
     names = [c["class_path"].split(".")[-1] for c in config["trainer"]["callbacks"]]
-    assert {"EMA", "SWA"} <= set(names) and config["data"]["mixup_alpha"] == 0.2 and config["model"]["tta"] != "none"
+    assert {"EMA", "SWA"} <= set(names) and config["data"]["init_args"]["mixup_alpha"] == 0.2
+    assert config["model"]["init_args"]["tta"] != "none"
 
 
 @pytest.mark.slow
@@ -195,7 +203,7 @@ def test_lr_find_and_batch_size_find_write_configs_that_fit_accepts(tmp_path, fa
     assert result.returncode == 0, result.stderr
     found = yaml.safe_load(out.read_text())
     lr = found["model"]["optimizer"]["init_args"]["lr"]
-    assert 1e-5 < lr < 1 and found["model"]["scheduler"]["init_args"]["max_lr"] == lr  # one-cycle: its max_lr too
+    assert 1e-5 < lr < 1 and "scheduler" not in found["model"]  # one learning rate: one-cycle peaks at it
     assert out.with_suffix(".png").read_bytes().startswith(PNG) and f"Wrote {out}" in result.stdout
     bs = tmp_path / "bs.yaml"
     result = invoke(["batch-size-find", *base, "--max_trials=2", f"--out={bs}"])
@@ -206,7 +214,8 @@ def test_lr_find_and_batch_size_find_write_configs_that_fit_accepts(tmp_path, fa
     fit.remove("--data.batch_size=32")
     assert invoke(fit).returncode == 0
     config = yaml.safe_load((run_dir(tmp_path) / "config.yaml").read_text())
-    assert config["model"]["optimizer"]["init_args"]["lr"] == lr and config["data"]["batch_size"] == 64
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert model["optimizer"]["init_args"]["lr"] == lr and data["batch_size"] == 64
 
 
 def test_tuners_refuse_bad_ranges(fashion_dir):

@@ -10,7 +10,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 
 class _AveragedFromFirstUpdate:
     """For Lightning's weight-averaging callbacks: until the first update the average is the initial weights, which
-    Lightning would validate and save anyway. Here validation and checkpoints use the current weights until then."""
+    Lightning 2.6 would validate and save anyway (Lightning issue 21724; PRs 21732 and 21754 open). Here validation and
+    checkpoints use the current weights until then. ``_average_model`` and ``_latest_update_step`` are
+    WeightAveraging's private state, which it has no public accessor for."""
 
     def _averaged(self) -> bool:
         return self._average_model is not None and bool(self._average_model.n_averaged > 0)
@@ -43,8 +45,8 @@ class EMA(_AveragedFromFirstUpdate, EMAWeightAveraging):
     """An exponential moving average of the weights (and BatchNorm statistics), ``decay`` per optimizer step:
     Lightning's ``EMAWeightAveraging``, so validation, checkpoints, and what loads them (test, predict, export) use
     the average; ``current_model_state`` in a checkpoint keeps the raw weights for resuming. The update is one fused
-    ``lerp`` over all tensors that reads nothing back (``AveragedModel.update_parameters`` reads its counter each
-    step: a GPU sync). With ``warmup`` (as timm's EMA), the decay at step ``t`` is ``min(decay, (1 + t) / (10 + t))``:
+    ``lerp`` over all tensors that reads nothing back (``AveragedModel.update_parameters`` in torch 2.14 reads its
+    counter each step, a GPU sync: pytorch issue 175085, PR 157705). With ``warmup`` (as timm's EMA), the decay at step ``t`` is ``min(decay, (1 + t) / (10 + t))``:
     early on the average follows the weights closely instead of holding on to the random initial ones.
     """
 

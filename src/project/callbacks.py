@@ -29,9 +29,15 @@ class CSVPredictionWriter(BasePredictionWriter):
         self.top_k, self.filename = top_k, filename
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
+        if not all(isinstance(p, dict) and {"target", "probabilities"} <= p.keys() for p in predictions):
+            raise ConfigError(
+                f"{type(pl_module).__qualname__}.predict_step returns {type(predictions[0]).__name__}: predictions.csv "
+                "needs {'probabilities': (N, classes), 'target': labels (N,)}, as ImageClassifier.predict_step returns."
+            )
         columns = {key: torch.cat([p[key] for p in predictions]) for key in ("target", "probabilities")}
         columns["index"] = torch.tensor([i for batch in batch_indices[0] for i in batch], device=pl_module.device)
-        # DistributedSampler pads the ranks to equal length, so gathering then dropping repeats is exact
+        # DistributedSampler pads the ranks to equal length (pytorch issue 25162, Lightning issue 3325), so gathering
+        # then dropping repeats is exact
         columns = {key: pl_module.all_gather(value).flatten(0, -value.ndim).cpu() for key, value in columns.items()}
         if not trainer.is_global_zero:
             return
@@ -41,9 +47,8 @@ class CSVPredictionWriter(BasePredictionWriter):
         index, target, probabilities = (columns[k][order][keep] for k in ("index", "target", "probabilities"))
         k = min(self.top_k, probabilities.shape[1])
         top_p, top_i = probabilities.topk(k, dim=1)
-        datamodule = trainer.datamodule
-        files = datamodule.predict_paths
-        classes = datamodule.classes
+        files = getattr(trainer.datamodule, "predict_paths", None)  # optional in a data module (project.data.ImageData)
+        classes = pl_module.hparams.classes  # the checkpoint's, which the model was trained on
         labelled = bool((target >= 0).all())  # the test set's images have a class; predict_files' do not
         header = ["index"] + (["file"] if files else []) + (["target"] if labelled else [])
         header += ["prediction", "class_name", "probability"]
@@ -63,7 +68,8 @@ class CSVPredictionWriter(BasePredictionWriter):
 
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar, drawn ``refresh_rate`` times a second (Lightning's: 100) and updated as often
-    during training, not after every batch: each update costs about as much as a small net's step. Without
+    during training, not after every batch: each update costs about as much as a small net's step (Lightning 2.6.1
+    made the bar faster, its PR 21321, not cheap enough to update every step). Without
     ``v_num``, the logger's version, which Lightning shows as a metric ("v_num: 0.000"): the run directory names it."""
 
     def __init__(self, refresh_rate: int = 10, **kwargs):
@@ -129,11 +135,15 @@ class TensorBoardReport(Callback):
         )
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        classes = len(trainer.datamodule.classes)
-        self.confusion = MulticlassConfusionMatrix(classes).to(pl_module.device)
+        self.confusion = MulticlassConfusionMatrix(len(pl_module.hparams.classes)).to(pl_module.device)
         self.wrong: list[tuple[torch.Tensor, int, int]] = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not (isinstance(outputs, dict) and {"prediction", "target"} <= outputs.keys()):
+            raise ConfigError(
+                f"{type(pl_module).__qualname__}.test_step returns {type(outputs).__name__}: the test report needs "
+                "{'prediction': class indices (N,), 'target': labels (N,)}, as ImageClassifier.test_step returns."
+            )
         prediction, target = outputs["prediction"], outputs["target"]
         self.confusion.update(prediction, target)
         for i in torch.nonzero(prediction != target).flatten()[: self.misclassified - len(self.wrong)].tolist():
@@ -143,7 +153,7 @@ class TensorBoardReport(Callback):
         matrix = self.confusion.compute().cpu()  # synced over DDP ranks: every rank takes part
         if (writer := self._writer(trainer)) is None:
             return
-        classes = trainer.datamodule.classes
+        classes = pl_module.hparams.classes
         step = trainer.global_step
         writer.add_figure("test/confusion_matrix", _confusion_figure(matrix, classes), step)
         if self.wrong:
@@ -152,7 +162,7 @@ class TensorBoardReport(Callback):
         best = pl_module.val_acc_best.max_value.item()  # the state itself: compute() warns after a checkpoint load
         if best > float("-inf"):  # not for a test of a checkpoint that never validated
             metrics["val/acc_best"] = best
-        trainer.logger.log_hyperparams({**pl_module.hparams, **trainer.datamodule.hparams}, metrics)
+        trainer.logger.log_hyperparams({**pl_module.hparams, **getattr(trainer.datamodule, "hparams", {})}, metrics)
 
 
 def _confusion_figure(matrix: torch.Tensor, classes: tuple[str, ...]):
@@ -179,7 +189,9 @@ def _images_figure(wrong: list[tuple[torch.Tensor, int, int]], classes: tuple[st
 
     cols = 8
     rows = (len(wrong) + cols - 1) // cols
-    images = torch.stack([(x - x.min()) / (x.max() - x.min() + 1e-8) for x, _, _ in wrong])  # to [0, 1] for display
+    images = torch.stack(
+        [(x - x.min()) / (x.max() - x.min() + 1e-8) for x in (x.float() for x, _, _ in wrong)]
+    )  # to [0, 1] for display
     c, h, w = images.shape[1:]
     grid = torch.ones(rows * cols, c, h + 10, w + 2)  # white margins: a caption band above each image
     grid[: len(wrong), :, 10:, 1:-1] = images

@@ -1,9 +1,12 @@
 """Checkpoints that survive kills and signals and never hold garbage.
 
-Lightning 2.6 alone stages saves in $TMPDIR (atomic only on the same filesystem), stores no RNG state (so a resumed
-run diverges from an uninterrupted one), can keep a NaN score as "best", exits 0 on SIGTERM, leaves a checkpoint
-taken in the middle of a validation that cannot be resumed, and writes nothing in the first epoch when
-``every_n_train_steps`` is set. :class:`SafeModelCheckpoint` closes each of these gaps; the CLI always uses it.
+Lightning 2.6 alone stages saves in $TMPDIR and moves them into place, a copy across filesystems (Lightning issue
+19970), stores no RNG state, so a resumed run diverges from an uninterrupted one (issue 17543, closed as won't fix),
+can keep a NaN score as "best" (issues 2636, 1008), exits 0 on SIGTERM (issue 19916; PR 21623 is on master, in no
+release), leaves a checkpoint taken in the middle of a validation that cannot be resumed, and writes nothing in the
+first epoch when ``every_n_train_steps`` is set (issue 20185). :class:`SafeModelCheckpoint` closes each of these gaps;
+the CLI always uses it. The private members of ModelCheckpoint it calls are named where they are used, with the
+Lightning change each one works around.
 """
 
 import os
@@ -123,7 +126,8 @@ class SafeModelCheckpoint(ModelCheckpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         # StopSignals decides where a run stops; Lightning's own SIGTERM handling would stop inside a validation (a
-        # checkpoint that cannot be resumed) and exit 0
+        # checkpoint that cannot be resumed) and exit 0 (Lightning issue 19916, PR 21623 in no release yet): its
+        # notifier is private (_signal_connector), the only way to turn that handling off in 2.6
         trainer._signal_connector._sigterm_notifier_fn = lambda signum, frame: None
 
     @property
@@ -133,7 +137,8 @@ class SafeModelCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict) -> None:
         # a run resumed by another path than it was written with (absolute, relative, from another directory), or
         # moved since: its checkpoints are this directory's files of the same names. Lightning would keep only the best
-        # path, forget the others and write last-v1.ckpt beside a last.ckpt that then stays stale.
+        # path, forget the others and write last-v1.ckpt beside a last.ckpt that then stays stale (its PRs 12045 and
+        # 12225 drop the state of a changed dirpath; issues 15705 and 11379 are open).
         old = state_dict.get("dirpath")
         last = state_dict.get("last_model_path") or ""
         same_run = (
@@ -195,8 +200,10 @@ class SafeModelCheckpoint(ModelCheckpoint):
             if loss is not None and not torch.isfinite(loss):
                 self._stop_non_finite(trainer, f"the training loss is {loss.item()}")
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Lightning 2.6 defers every_n_train_steps saves to the first validation (its PR 21106; issue 20185), so a kill
+        # in the first epoch would lose them; the step count is only in a private attribute
         n = self._every_n_train_steps
-        if n and trainer.global_step % n == 0:  # Lightning defers these to the first validation
+        if n and trainer.global_step % n == 0:
             self._save_last_even_without_a_new_best(trainer)
         # the last batch's stop waits for the validation after it: its checkpoint is the epoch's
         if not last_batch and self._asked_to_stop(trainer, at_log_step=True):
@@ -228,8 +235,9 @@ class SafeModelCheckpoint(ModelCheckpoint):
         trainer.save_checkpoint(self._last_path, weights_only=False)
 
     def _save_last_even_without_a_new_best(self, trainer: Trainer) -> None:
-        # Lightning 2.6 rewrites last.ckpt only at steps that saved a new top-k checkpoint, so an epoch
-        # that does not improve would be lost by a kill (skipping also covers "already saved at this step")
+        # Lightning 2.6.0 (its PR 21244) rewrites last.ckpt only at steps that saved a new top-k checkpoint, so an epoch
+        # that does not improve would be lost by a kill (skipping also covers "already saved at this step"); the
+        # three methods called here are ModelCheckpoint's private ones that its own save of last.ckpt uses
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -237,7 +245,7 @@ class SafeModelCheckpoint(ModelCheckpoint):
         return current is not None and bool(torch.isfinite(current)) and super().check_monitor_top_k(trainer, current)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt here even in a dry run
+        if not trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt here even in a dry run (since its PR 20960)
             super().on_train_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -5,23 +5,25 @@ top of it, and ``--print_config`` shows the result, which is also saved as ``con
 ``logs/<name>/version_<n>/``.
 """
 
+import re
 import sys
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from project import runs
 from project.callbacks import CSVPredictionWriter, TensorBoardReport
 from project.checkpoint import SafeModelCheckpoint, read_checkpoint
 from project.configs import DEFAULT_CONFIG, check_config_files, check_unquoted_pattern
-from project.data import ImageDataModule
-from project.data import folder as folders
-from project.data.datamodule import task
+from project.data import ImageData
+from project.data.datamodule import check as check_data
 from project.errors import ConfigError
 from project.module import ImageClassifier
+from project.module import check as check_model
 from project.signals import StopSignals
 
 COMMANDS = ("fit", "validate", "test", "predict")
@@ -42,9 +44,55 @@ PARSER_KWARGS = {
 }
 
 
+# what jsonargparse says of a value beside the reason it was refused: which alternatives of a Union it tried
+_NOISE = re.compile(
+    r"Does not validate against any of the Union subtypes|Subtypes: \[|Errors:$|Given value( type)?: |"
+    r"Problem with given class_path|Expected a <class 'NoneType'>|"
+    r"Expected a path but .* either not accessible or invalid"
+)
+
+
+def condense(message: str) -> str:
+    """jsonargparse's error for a config value, which in subclass mode is a tree of every Union alternative it tried
+    (the model and data are ``Optional[...]``, a data source ``Source | Literal[...]``), as one line: the full key and
+    the reasons at the deepest key, e.g. ``model.net: ... has no attribute 'Transformer'``."""
+    stack: list[tuple[int, str]] = []  # (indent, key) of the "Parser key" lines above the current one
+    leaves: list[tuple[str, str]] = []  # (full key, reason)
+    given = ""
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ").strip()
+        if text.startswith("Given value: ") and not re.match(r"Given value: (NestedArg|Namespace)\(", text):
+            given = text.removeprefix("Given value: ")
+        if not text or _NOISE.search(text):
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if key := re.fullmatch(r'Parser key "(.+)":', text):
+            stack.append((indent, key.group(1)))
+        else:
+            leaves.append((".".join(k for _, k in stack), text))
+    if not stack and not any(key for key, _ in leaves):
+        return message  # not a tree: "unrecognized arguments: ...", and the like
+    deepest = max(key.count(".") + bool(key) for key, _ in leaves) if leaves else -1
+    reasons = [(key, text) for key, text in leaves if key.count(".") + bool(key) == deepest]
+    if not reasons:
+        return message
+    said = "; or ".join(dict.fromkeys(text for _, text in reasons))
+    return f"{reasons[0][0]}: {said}" + (f" (given: {given})" if given and "Got value" not in said else "")
+
+
+class Parser(LightningArgumentParser):
+    def error(self, message: str, ex: Exception | None = None):
+        # the inner parsers of a class's arguments raise to the outer one, which says the whole of it
+        super().error(condense(message) if self.exit_on_error else message, ex)
+
+
 class SaveConfig(SaveConfigCallback):
     """LightningCLI's ``config.yaml`` in the run directory, which a resumed run rewrites (with the resume's overrides)
-    only once it trains again: a resume that stops before (an override that cannot work) leaves the config as it was."""
+    only once it trains again: a resume that stops before (an override that cannot work) leaves the config as it was.
+    LightningCLI 2.6 saves it in ``setup``, before anything has run (and refuses an existing one unless
+    ``overwrite``: Lightning issue 17115)."""
 
     def __init__(self, *args, resumed: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,10 +106,22 @@ class SaveConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, "fit")
 
 
+def _shape_of(data: ImageData) -> tuple[int, int, int]:
+    check_data(data)  # the first thing read of an instantiated data module: a missing part is named here
+    return tuple(data.shape)
+
+
+def _classes_of(data: ImageData) -> list[str]:
+    return list(data.classes)
+
+
 class CLI(LightningCLI):
-    """LightningCLI for :class:`ImageClassifier` on :class:`ImageDataModule`, with the checkpoint and
-    early-stopping callbacks always on (configured under ``checkpoint:`` and ``early_stopping:``). The optimizer and
-    scheduler are the model's own arguments (``model.optimizer``, ``model.scheduler``), the only place to set them."""
+    """LightningCLI for :class:`ImageClassifier` or a subclass (``--model FILE.Class``) on any LightningDataModule that
+    meets :class:`project.data.ImageData` (``--data FILE.Class``; ``configs/default.yaml``'s is
+    :class:`project.data.ImageDataModule`), with the checkpoint and early-stopping callbacks always on (configured under
+    ``checkpoint:`` and ``early_stopping:``). The optimizer and scheduler are the model's own arguments
+    (``model.optimizer``, ``model.scheduler``), the only place to set them. The net is sized from the instantiated data
+    module (its ``shape`` and ``classes``), and a checkpoint is checked against that model before it is loaded."""
 
     def __init__(self, args: list[str] | None = None, command: str | None = None, **kwargs):
         """``command``: a command of ours that only builds what a config describes (``lr-plot``), without running
@@ -74,28 +134,35 @@ class CLI(LightningCLI):
         try:
             super().__init__(
                 ImageClassifier,
-                ImageDataModule,
+                LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
                 args=args,
                 run=command is None,
                 # always there, whatever a config's trainer.callbacks says
                 trainer_defaults={"callbacks": [TensorBoardReport()]},
                 save_config_callback=SaveConfig,
+                parser_class=Parser,
                 save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
                 parser_kwargs=parser_kwargs,
                 auto_configure_optimizers=False,
                 **kwargs,
             )
         # Trainer flags that cannot work together or on this machine, or with the checkpoint a run resumes from (a
-        # max_epochs it has passed)
+        # max_epochs it has passed), and data loaders Lightning cannot rebuild
         except MisconfigurationException as err:
-            raise ConfigError(f"the Trainer flags cannot work as set: {' '.join(str(err).split())}") from None
+            said = " ".join(str(err).split())
+            if "batch_size" in said and "DataLoader" in said:  # Lightning issue 17991, open in 2.6
+                said += (" A data module's DataLoader given its batch size by position cannot be rebuilt by Lightning "
+                         "(which predict does): give it by keyword, DataLoader(dataset, batch_size=...).")  # fmt: skip
+            raise ConfigError(f"Lightning cannot run this as set: {said}") from None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SafeModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(CSVPredictionWriter, "predictions")
-        parser.link_arguments("data.shape", "model.in_shape", apply_on="instantiate")
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.in_shape", compute_fn=_shape_of, apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.classes", compute_fn=_classes_of, apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
         # args is always a list here (main passes sys.argv's); LightningCLI would warn that both are set
@@ -113,14 +180,13 @@ class CLI(LightningCLI):
                 f"{command} evaluates a trained model: give --ckpt_path best (the newest run's best checkpoint), last, "
                 "or a .ckpt file (with --config <run>/config.yaml for another run's config)."
             )
-        if config.data.get("folder"):  # saved with the run absolute: its config means the same from any directory
-            config.data.folder = str(Path(config.data.folder).expanduser().absolute())
         logger = config.trainer.logger
         root = Path(logger.init_args.save_dir) / logger.init_args.name if _is_tensorboard(logger) else None
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
         if config.get("ckpt_path"):
             path = runs.resolve(config.ckpt_path, root)
-            check_same_task(path, read_checkpoint(path), config.data)
+            # a file that is no checkpoint is named here, before LightningCLI reads the hyperparameters in it
+            self.checkpoint = read_checkpoint(path)
             config.ckpt_path = str(path)
             # a checkpoint of a run under logs/ belongs to that run: fit continues its directory and TensorBoard run
             if root is not None and path.parent.name == "checkpoints" and path.parents[2].resolve() == root.resolve():
@@ -134,13 +200,14 @@ class CLI(LightningCLI):
             runs.CLAIMED.append(root / logger.init_args.version / logger.init_args.sub_dir)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI takes the model's arguments from the checkpoint over the command's; test-time augmentation is
-        # the evaluating command's choice, so its value is the command's
+        # LightningCLI 2.6.0 takes the model's arguments from the checkpoint over the command's (its PR 21116; PR 21455,
+        # open, would make them defaults instead); test-time augmentation is the evaluating command's choice, so its
+        # value is the command's. _parse_ckpt_path is LightningCLI's private step that does it.
         command = self.config.get("subcommand")
-        tta = self.config[command].model.get("tta") if command else None
+        tta = self.config[command].model.init_args.get("tta") if command else None
         super()._parse_ckpt_path()
         if tta is not None:
-            self.config[command].model.tta = tta
+            self.config[command].model.init_args.tta = tta
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -164,8 +231,32 @@ class CLI(LightningCLI):
         kinds = [c.class_path for c in callbacks]
         config.trainer.callbacks = [c for i, c in enumerate(callbacks) if c.class_path not in kinds[i + 1 :]]
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # jsonargparse 4.53 tries each type of a Union (subclass mode's model and data are Optional[...]) and
+            # raises "Does not validate against any of the Union subtypes" from what the class itself raised, and
+            # "Call to compute_fn of link ... failed" from what a link raised: that exception is the one to report (a
+            # ProjectError as its one paragraph, anything else with its traceback)
+            cause = err
+            wrapped = re.compile(r"Does not validate against any of the Union|Call to compute_fn")
+            while isinstance(cause, ValueError) and cause.__cause__ is not None and wrapped.match(str(cause)):
+                cause = cause.__cause__
+            if cause is err:
+                raise
+            raise cause from None
+
+    def after_instantiate_classes(self) -> None:
+        check_model(self.model)
+        if getattr(self, "checkpoint", None) is not None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            check_fits(Path(config.ckpt_path), self.checkpoint, self.model)
+
     def before_fit(self) -> None:
-        known = self.model.metric_names
+        known = getattr(self.model, "metric_names", None)
+        if known is None:  # a model that does not say what it logs: Lightning says so when a monitor is missing
+            return
         for key, monitor in (
             ("checkpoint.monitor", self.trainer.checkpoint_callback.monitor),
             ("early_stopping.monitor", self.trainer.early_stopping_callback.monitor),
@@ -183,27 +274,28 @@ class CLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
-def check_same_task(path: Path, checkpoint: dict, data) -> None:
-    """A checkpoint trained on other data (image shape, number of classes) than the config's ``data`` cannot be
-    loaded: one message that names the checkpoint, and for a folder, the classes it was trained on and has now."""
+def check_fits(path: Path, checkpoint: dict, model) -> None:
+    """A checkpoint trained for other images (shape) or other classes than the instantiated ``model`` (sized from the
+    data module) cannot be loaded: one message that names the checkpoint and both sides."""
     hparams = checkpoint.get("hyper_parameters", {})
-    shape, num_classes = task(data.get("dataset"), data.get("positive_class"), data.get("folder"),
-                              data.get("image_size"), data.get("channels"))  # fmt: skip
-    for key, ours in (("in_shape", shape), ("num_classes", num_classes)):
-        theirs = hparams.get(key)
-        if theirs is not None and (tuple(theirs) if isinstance(theirs, list | tuple) else theirs) != ours:
-            trained = checkpoint.get(ImageDataModule.__qualname__, {}).get("classes")
-            if data.get("dataset") == "folder" and key == "num_classes" and trained:
-                now = folders.classes_of(data.get("folder"))
-                raise ConfigError(
-                    f"{path} was trained on the {len(trained)} classes {', '.join(trained)}; data.folder "
-                    f"{data.get('folder')} now has {len(now)}: {', '.join(now)}. The folder changed since: restore it, "
-                    "or train again on it."
-                )
-            raise ConfigError(
-                f"{path} was trained with {key}={theirs}, and the config's data gives {ours}: use the config of the "
-                "run that wrote it (--config <run>/config.yaml), or a checkpoint of this data."
-            )
+    if "classes" not in hparams:
+        raise ConfigError(
+            f"{path} was written by an earlier version of the template (its hyperparameters have no classes): train "
+            "the run again with this version."
+        )
+    theirs, ours = list(hparams["classes"]), list(model.hparams.classes)
+    if theirs != ours:
+        raise ConfigError(
+            f"{path} was trained on the {len(theirs)} classes {', '.join(theirs)}; the data now has {len(ours)}: "
+            f"{', '.join(ours)}. Use the data it was trained on (--config <run>/config.yaml, and where the data moved, "
+            "its new place), or a checkpoint of this data."
+        )
+    if tuple(hparams.get("in_shape", ())) != tuple(model.hparams.in_shape):
+        raise ConfigError(
+            f"{path} was trained on images of shape {tuple(hparams['in_shape'])}, and the data gives "
+            f"{tuple(model.hparams.in_shape)}: use the config of the run that wrote it (--config <run>/config.yaml), "
+            "or a checkpoint of this data."
+        )
 
 
 def _is_tensorboard(logger) -> bool:

@@ -23,7 +23,8 @@ def config_stems(config_args: list[str]) -> list[str]:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """jsonargparse answers an empty config file with a blank "Unexpected config:", and one that is not YAML with a line
+    """jsonargparse 4.53 answers an empty config file with a blank "Unexpected config:" (its issue 367 fixed that for
+    default config files only), and one that is not YAML with a line
     number in "<unicode string>"; say which file and what is wrong instead."""
     import yaml
 

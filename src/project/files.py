@@ -1,6 +1,7 @@
 """Files that are whole or not there: how every checkpoint, cache and decompressed dataset file is written."""
 
 import contextlib
+import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ def replacing(path: str | Path, durable: bool = False) -> Iterator[BinaryIO]:
     the block returns, as a checkpoint's must be before training goes on."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -32,3 +34,22 @@ def replacing(path: str | Path, durable: bool = False) -> Iterator[BinaryIO]:
                 os.close(directory)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """The temporary files that writers of ``path`` killed mid-write (kill -9) left: a dead process's are removed,
+    so that kills do not pile up hidden copies of a checkpoint."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name.removeprefix(f".{path.name}.").removesuffix(".tmp")
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -12,14 +12,16 @@ from project.runs import claim
 
 
 class TensorBoardLogger(LightningTensorBoardLogger):
-    """Lightning's TensorBoardLogger, with two differences:
+    """Lightning's TensorBoardLogger, with three differences:
 
-    - the next ``version_<n>`` is claimed with :func:`claim` (Lightning's lists the directory and picks the next
-      number, so two runs started together both write ``version_0``);
+    - the next ``version_<n>`` is claimed with :func:`claim` (Lightning 2.6's private ``_get_next_version`` lists the
+      directory and picks the next number, so two runs started together both write ``version_0``; no upstream issue);
     - a run that fails before it has written anything leaves no empty directory behind;
     - ``log_hyperparams(params, metrics)`` writes the HPARAMS record only: Lightning's also logs the metrics again as
-      scalars at step 0, after the run's last step, which TensorBoard reads as a restart and drops the points before.
-      The HPARAMS tab takes the metrics' values from the run's own scalars of the same names.
+      scalars at step 0, after the run's last step, which TensorBoard reads as a restart and drops the points before
+      (Lightning issue 4030; still so in 2.6.6). The HPARAMS tab takes the metrics' values from the run's own scalars
+      of the same names. It flattens and sanitises the parameters with Lightning's own private helpers, as its
+      ``log_hyperparams`` does, and writes through the writer's private file writer, the one Lightning's writes to.
     """
 
     _claimed = False  # whether this process created the run directory (not a resumed run's)

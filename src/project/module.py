@@ -1,5 +1,5 @@
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -9,20 +9,90 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import Accuracy, F1Score
 
-from project.errors import ConfigError
+from project.errors import ConfigError, DataError
 
 # Built by jsonargparse from a config's class_path + init_args; the first arguments come from the data.
 NetFactory = Callable[[tuple[int, int, int], int], nn.Module]
 
 
-class ImageClassifier(LightningModule):
-    """Trains any ``nn.Module`` that maps images to logits, for multiclass or binary classification.
+class Normalize(nn.Module):
+    """Images as a data module serves them (``uint8`` in 0..255, or floats in [0, 1]: torchvision's two conventions)
+    to what the net trains on: minus the training images' mean, over their std, per channel. The statistics are buffers,
+    so they are saved in the checkpoints, restored with them and exported with the graph."""
 
-    ``net`` is built here from the data's ``in_shape`` and ``num_classes`` (both linked from the data
-    module by the CLI). With ``num_classes == 2`` the task is binary: the net has one output and the loss
-    is ``BCEWithLogits``; otherwise ``CrossEntropy`` over ``num_classes`` logits. Logs ``train/loss_step`` (at
-    logging steps), ``train/{loss_epoch,acc}``, ``{val,test}/{loss,acc}``, ``val/acc_best``, and F1 (and top-5
-    accuracy with more than 5 classes) for val and test.
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))  # until a fit sets them: images in [0, 1]
+        self.register_buffer("std", torch.ones(channels))
+
+    def set(self, mean, std) -> None:
+        for name, values in (("mean", mean), ("std", std)):
+            values = torch.as_tensor(values, dtype=torch.float32).flatten()
+            if len(values) not in (1, len(self.mean)) or not torch.isfinite(values).all():
+                raise ConfigError(f"the data's {name} {values.tolist()} is not one finite value per channel "
+                                  f"({len(self.mean)} channels).")  # fmt: skip
+            getattr(self, name).copy_(values.expand_as(self.mean))
+        if (self.std <= 0).any():
+            raise ConfigError(f"the data's std {self.std.tolist()} has a channel of 0 or less: give positive values.")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        scale = 255 if images.dtype == torch.uint8 else 1
+        mean, std = (self.mean * scale).view(1, -1, 1, 1), (self.std * scale).view(1, -1, 1, 1)
+        return (images.float() - mean) / std
+
+
+class Classifier(Protocol):
+    """What the template's commands and callbacks ask of a model, which :class:`ImageClassifier` and its subclasses
+    (``--model FILE.Class``) meet; a run checks it when it starts (:func:`check`).
+
+    - ``forward(images)``: logits ``(N, len(classes))`` of images as the data module serves them (``export`` exports
+      the module itself);
+    - ``hparams.in_shape`` and ``hparams.classes``: what it was built for, which a checkpoint is checked against and
+      reports and ``predictions.csv`` name;
+    - ``test_step`` returning ``{"prediction": class indices (N,), "target": labels (N,)}`` (the test report) and
+      ``predict_step`` returning ``{"probabilities": (N, classes), "target": labels (N,)}`` (``predictions.csv``);
+    - ``metric_names``: what it logs, which ``checkpoint.monitor`` and ``early_stopping.monitor`` may name;
+    - ``build_scheduler(optimizer, total_steps, epochs)``: its learning-rate schedule, which ``lr-plot`` draws.
+    """
+
+    hparams: Any
+    metric_names: set[str]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor: ...
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]: ...
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]: ...
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: float, epochs: int): ...
+
+
+def check(model) -> None:
+    """One message naming what a model lacks of :class:`Classifier`."""
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    for part in ("in_shape", "classes"):
+        if part not in getattr(model, "hparams", {}):
+            raise ConfigError(f"the model {name} has no hyperparameter {part!r}: call self.save_hyperparameters() in "
+                              "its __init__, as ImageClassifier does (project.module.Classifier).")  # fmt: skip
+    for part in ("forward", "test_step", "predict_step", "build_scheduler"):
+        if not callable(getattr(model, part, None)):
+            raise ConfigError(f"the model {name} has no method {part} (project.module.Classifier).")
+    if not isinstance(getattr(model, "metric_names", None), set | frozenset):
+        raise ConfigError(
+            f"the model {name}'s metric_names is not the set of names it logs (project.module.Classifier)."
+        )
+
+
+class ImageClassifier(LightningModule):
+    """Trains any ``nn.Module`` that maps images to logits, for multiclass or binary classification: images in (as a
+    data module serves them: ``uint8``, or floats in [0, 1]), one logit per class out. The module is what is deployed:
+    the training images' mean and std are its buffers (:class:`Normalize`, set from the data module when a fit starts),
+    and ``in_shape`` and ``classes`` its hyperparameters, so ``ImageClassifier.load_from_checkpoint(path)`` alone
+    predicts as the run did, and the exported graph is this module.
+
+    ``net`` is built here from the data's ``in_shape`` and number of ``classes`` (both linked from the data module by
+    the CLI). With two classes the task is binary: the net has one output ``z``, the loss is ``BCEWithLogits``, and the
+    module returns the logits ``(0, z)``; otherwise ``CrossEntropy`` over one logit per class. :meth:`loss` is the one
+    place to change the objective (a subclass with a focal loss: README). Logs ``train/loss_step`` (at logging steps),
+    ``train/{loss_epoch,acc}``, ``{val,test}/{loss,acc}``, ``val/acc_best``, and F1 (and top-5 accuracy with more than 5
+    classes) for val and test.
     ``label_smoothing`` softens the training targets (the loss only; val and test losses are plain). Training batches
     may come with soft targets, class probabilities ``(N, num_classes)`` (mixup and cutmix in the data module): the
     loss takes them as they are, and an image counts in ``train/acc`` by the weight its target gives the predicted
@@ -39,7 +109,7 @@ class ImageClassifier(LightningModule):
         scheduler: LRSchedulerCallable | None,
         scheduler_interval: Literal["epoch", "step"],
         in_shape: tuple[int, int, int],
-        num_classes: int,
+        classes: list[str],
         channels_last: bool,
         scheduler_monitor: str = "val/loss",
         compile: bool = False,
@@ -50,8 +120,12 @@ class ImageClassifier(LightningModule):
         self.save_hyperparameters()
         if not 0 <= label_smoothing < 1:
             raise ConfigError(f"model.label_smoothing={label_smoothing}: give a value in [0, 1).")
+        num_classes = len(classes)
+        if num_classes < 2:
+            raise ConfigError(f"model.classes={list(classes)}: classification needs two or more classes.")
         self.binary = num_classes == 2
         outputs = 1 if self.binary else num_classes
+        self.normalize = Normalize(in_shape[0])
         self.net = _build(net, in_shape, outputs)
         if channels_last:  # NHWC convolutions: faster with tensor cores (mixed precision on recent GPUs)
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -82,6 +156,16 @@ class ImageClassifier(LightningModule):
         """Every name this module logs; callbacks may only monitor these."""
         names = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc_best", "test/loss"}
         return names | set(self.val_metrics.keys()) | set(self.test_metrics.keys())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.hparams.classes)
+
+    def setup(self, stage: str) -> None:
+        # a fresh run's statistics, from its data; a resumed run's come back from its checkpoint right after
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if stage == "fit" and getattr(data, "mean", None) is not None and getattr(data, "std", None) is not None:
+            self.normalize.set(data.mean, data.std)
 
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path:  # the scheduler's state, its length included, is the checkpoint's by now
@@ -114,37 +198,55 @@ class ImageClassifier(LightningModule):
             "its total_steps and epochs unset, so that the run's length sets them."
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` of images as the data module serves them."""
+        return self._logits(self.normalize(images))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        logits = self.net(x)
+        # a binary net's logit z as (0, z), whose softmax is (1 - sigmoid(z), sigmoid(z))
+        return torch.cat([torch.zeros_like(logits), logits], 1) if self.binary else logits
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """The objective: ``logits`` ``(N, num_classes)``, ``target`` labels ``(N,)`` or class probabilities ``(N,
+        num_classes)`` (mixup, cutmix). Cross-entropy, or for two classes binary cross-entropy on the positive logit."""
+        if self.binary:
+            target = target.float() if target.ndim == 1 else target[:, 1]  # soft targets: the positive class's share
+            target = target * (1 - label_smoothing) + 0.5 * label_smoothing
+            return F.binary_cross_entropy_with_logits(logits[:, 1], target)
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
 
     def _step(self, batch, logits: torch.Tensor | None = None, smoothing: float = 0.0):
-        """Loss and scores (probabilities for binary, logits otherwise) of one batch, used by every stage; ``logits``
-        if already computed (test-time augmentation)."""
+        """Loss, logits and targets of one batch, used by every stage; ``logits`` if already computed (test-time
+        augmentation)."""
         x, y = batch
+        if tuple(x.shape[1:]) != tuple(self.hparams.in_shape):  # sizes only: nothing is read back from the device
+            raise DataError(
+                f"a batch holds images of shape {tuple(x.shape[1:])}, and the model was built for the data module's "
+                f"shape {tuple(self.hparams.in_shape)}: the data module's shape must be its images' (project.data."
+                "ImageData)."
+            )
         logits = self(x) if logits is None else logits
-        if self.binary:
-            logits = logits.squeeze(1)
-            target = y.float() if y.ndim == 1 else y[:, 1]  # soft targets: the positive class's probability
-            target = target * (1 - smoothing) + 0.5 * smoothing
-            return F.binary_cross_entropy_with_logits(logits, target), torch.sigmoid(logits), y
-        return F.cross_entropy(logits, y, label_smoothing=smoothing), logits, y
+        return self.loss(logits, y, smoothing), logits, y
 
-    def _predictions(self, scores: torch.Tensor) -> torch.Tensor:
-        return (scores > 0.5).long() if self.binary else scores.argmax(1)
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the metrics take: the positive class's probability for binary, the logits otherwise."""
+        return torch.sigmoid(logits[:, 1]) if self.binary else logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, scores, y = self._step(batch, smoothing=self.hparams.label_smoothing)
+        loss, logits, y = self._step(batch, smoothing=self.hparams.label_smoothing)
         with torch.no_grad():
             self.train_loss_sum += loss * len(y)
-            predictions = self._predictions(scores)
+            predictions = logits.argmax(1)
             # a mixed image counts as right by the share of its target that the predicted class has
             hits = predictions.eq(y) if y.ndim == 1 else y.gather(1, predictions[:, None])
             self.train_hits += hits.sum()
         self.train_seen += len(y)
         # logged only where the logger writes it (as Lightning's LearningRateMonitor decides): self.log costs about as
-        # much as the step of a small net; and not on the progress bar, which would read it back (a GPU sync) each step
+        # much as the step of a small net (Lightning issues 17988, 1986); and not on the progress bar, which would read
+        # it back (a GPU sync) each step. Lightning 2.6 says whether a step is a logging step only privately
         if self.trainer._logger_connector.should_update_logs:
             self.log("train/loss_step", loss)
         return loss
@@ -158,8 +260,8 @@ class ImageClassifier(LightningModule):
         self.train_seen = 0
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, scores, y = self._step(batch)
-        self.val_metrics.update(scores, y)
+        loss, logits, y = self._step(batch)
+        self.val_metrics.update(self._scores(logits), y)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log_dict(self.val_metrics, prog_bar=False)
 
@@ -168,8 +270,9 @@ class ImageClassifier(LightningModule):
             self.val_acc_best(self.val_metrics["acc"].compute())
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
-    def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits of ``x``, averaged over the views ``tta`` names."""
+    def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The logits of ``images``, averaged over the views ``tta`` names."""
+        x = self.normalize(images)
         views = [x]
         if self.hparams.tta == "flip_translate":
             padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
@@ -177,24 +280,20 @@ class ImageClassifier(LightningModule):
             views += [padded[..., :h, :w], padded[..., 2:, 2:]]
         if self.hparams.tta != "none":
             views += [v.flip(3) for v in views]
-        return torch.stack([self(v) for v in views]).mean(0)
+        return torch.stack([self._logits(v) for v in views]).mean(0)
 
     def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        loss, scores, y = self._step(batch, self.tta_logits(batch[0]))
-        self.test_metrics.update(scores, y)
+        loss, logits, y = self._step(batch, self.tta_logits(batch[0]))
+        self.test_metrics.update(self._scores(logits), y)
         self.log("test/loss", loss, sync_dist=True)
         self.log_dict(self.test_metrics)
         # for callbacks that report on the test set (confusion matrix, misclassified images)
-        return {"prediction": self._predictions(scores), "target": y}
+        return {"prediction": logits.argmax(1), "target": y}
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Each image's probability per class (for binary: "not positive", positive), and its label (-1 if unknown)."""
         x, y = batch
-        logits = self.tta_logits(x)
-        if self.binary:
-            positive = torch.sigmoid(logits)
-            return {"target": y, "probabilities": torch.cat([1 - positive, positive], 1)}
-        return {"target": y, "probabilities": logits.softmax(1)}
+        return {"target": y, "probabilities": self.tta_logits(x).softmax(1)}
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())
@@ -248,7 +347,7 @@ def _build(net: NetFactory, in_shape: tuple[int, int, int], outputs: int) -> nn.
     except Exception as err:  # a net that sizes its layers by running on the data's shape (ConvNet's head)
         raise ConfigError(
             f"model.net {name} fails on a batch of images of shape {tuple(in_shape)} when it is built: {err}. Use "
-            "larger images (data.image_size) or a net that takes these."
+            "larger images (data.source.image_size) or a net that takes these."
         ) from None
     module.eval()  # no BatchNorm statistics from blank images
     try:

@@ -5,22 +5,25 @@ import logging
 import warnings
 
 WARNINGS = (
-    # the data is served from memory in whole batches: worker processes would only add copies
+    # the data is served from memory in whole batches: worker processes would only add copies (Lightning's docs say to
+    # filter it: issue 10182)
     ".*does not have many workers.*",
     # fewer batches an epoch than trainer.log_every_n_steps: the epoch's loss and accuracy are logged all the same
+    # (Lightning 2.6, since its PR 7734)
     ".*is smaller than the logging interval.*",
     # a config that switches a class (another net, optimizer or scheduler) drops the earlier class's arguments that the
-    # new one does not take: that is what stacking means here, not news
+    # new one does not take: that is what stacking means here, not news (jsonargparse 4.53)
     "Due to class_path change",
-    # a resumed run writes into its own checkpoint directory again, as it should
+    # a resumed run writes into its own checkpoint directory again, as it should (Lightning 2.6, since its PR 9615)
     ".*exists and is not empty",
     # a run resumed in the middle of an epoch trains the rest of it from the start of that epoch's order, as the README
-    # says
+    # says (Lightning issue 18780, open)
     "You're resuming from a checkpoint that ended before the epoch ended",
-    # Lightning 2.6 builds torch pytrees the way torch 2.14 deprecates
+    # Lightning 2.6.6 builds torch pytrees the way torch 2.14 deprecates (Lightning issue 21326)
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
 )
-# an advert for Lightning's cloud logger, and a note that the configured model summary replaces Lightning's default one
+# an advert for Lightning's cloud logger (Lightning 2.6.1, its PR 21430; issue 21294 asks for a switch), and a note that
+# the configured model summary replaces Lightning's default one
 MESSAGES = ("💡 Tip", "already configured with model summary")
 
 

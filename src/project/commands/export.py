@@ -1,9 +1,10 @@
 """``python -m project export RUN``: a run's best checkpoint (or ``--ckpt_path``) as an ONNX model (torch.onnx, dynamo
 exporter) and a torch.export program (``.pt2``), checked against PyTorch on real test images.
 
-Both take ``uint8`` images ``(N, C, H, W)`` at the training size, any ``N``, and return logits: the normalisation the
-run trained with is inside the graph, resizing is not. ``model.json`` beside them names the classes, the input shape
-and what the output means. Written to ``RUN/export_<k>/`` (the run itself is not changed) or ``--out``.
+Both are the trained module itself: ``uint8`` images ``(N, C, H, W)`` at the training size in, any ``N``, one logit per
+class out; the normalisation the run trained with is inside the graph (the module's buffers), resizing is not.
+``model.json`` beside them names the classes, the input shape and what the output means. Written to
+``RUN/export_<k>/`` (the run itself is not changed) or ``--out``.
 
     python -m project export logs/fashion_mnist_cnn/version_0
 """
@@ -22,29 +23,14 @@ from project.errors import ConfigError, ExportError
 FILES = ("model.onnx", "model.pt2", "model.json")
 
 
-class Deployable(nn.Module):
-    """A trained net behind the normalisation it was trained with: ``uint8`` images in, one logit per class out (a
-    binary net's logit ``z`` as ``(0, z)``, whose softmax is ``(1 - sigmoid(z), sigmoid(z))``)."""
-
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.net((images.float() - self.mean) / self.std)
-        return torch.cat([torch.zeros_like(logits), logits], 1) if logits.shape[1] == 1 else logits
-
-
 def load_run(run: Path, ckpt: str, overrides: list[str]):
-    """The run's model with the checkpoint's weights (eval mode), its data module set up for test with the
-    checkpoint's normalisation and classes, and the checkpoint's path. ``overrides``: ``--KEY VALUE`` arguments over the
-    run's config (another ``--data.folder`` or ``--data.data_dir`` where the data is now)."""
+    """The run's model with the checkpoint's weights (eval mode), its data module set up for test, and the checkpoint's
+    path. ``overrides``: ``--KEY VALUE`` arguments over the run's config (another ``--data.source.root`` or
+    ``--data.data_dir`` where the data is now)."""
     import logging
 
     from project.checkpoint import read_checkpoint
-    from project.cli import CLI, check_same_task
+    from project.cli import CLI, check_fits
     from project.runs import checkpoint
 
     config_path = run / "config.yaml"
@@ -60,13 +46,23 @@ def load_run(run: Path, ckpt: str, overrides: list[str]):
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     cli = CLI(["--config", yaml.safe_dump(config), *overrides], command="export")
     model, data = cli.model, cli.datamodule
-    check_same_task(path, checkpoint, cli.config.data)
+    check_fits(path, checkpoint, model)
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     data.prepare_data()
     data.setup("test")
-    data.load_state_dict(checkpoint.get(type(data).__qualname__, {}))
     return model, data, path
+
+
+def test_images(data, n: int) -> torch.Tensor:
+    """The first ``n`` images of the data module's test split, as its test loader serves them."""
+    images, count = [], 0
+    for x, _ in data.test_dataloader():
+        images.append(x)
+        count += len(x)
+        if count >= n:
+            break
+    return torch.cat(images)[:n]
 
 
 def parity(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, int]:
@@ -102,7 +98,7 @@ def main(argv: list[str]) -> None:
         description=__doc__.split("\n\n")[0],
         usage="python -m project export RUN_DIR [--ckpt_path best|last|FILE] [--out DIR] [--atol X] [--images N] "
         "[--KEY VALUE ...]",
-        epilog="--KEY VALUE arguments change the run's config, e.g. --data.folder where the images are now.",
+        epilog="--KEY VALUE arguments change the run's config, e.g. --data.source.root where the images are now.",
         allow_abbrev=False,
     )
     parser.add_argument("run", type=Path, help="a run directory: logs/<name>/version_<n>")
@@ -117,8 +113,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"export --out {args.out}: {', '.join(there)} exist there already; choose another directory, "
                           "or move them away first.")  # fmt: skip
     model, data, ckpt = load_run(args.run, args.ckpt_path, overrides)
-    deployable = Deployable(model.net, data.mean, data.std).eval()
-    images, _ = data.test_set.__getitems__(torch.arange(min(args.images, len(data.test_set))))
+    images = test_images(data, args.images)
     claimed = args.out is None
     if claimed:
         from project.runs import claim
@@ -126,35 +121,38 @@ def main(argv: list[str]) -> None:
         args.out = args.run / claim(args.run, "export")
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        files = export(deployable, images[:2], args.out)
-        report = check(deployable, images, files)
+        files = export(model, images[:2], args.out)
+        report = check(model, images, files)
     except BaseException:  # Ctrl+C or an error: no unchecked model files are left to be shipped
         for name in FILES:
             (args.out / name).unlink(missing_ok=True)
         if claimed:  # this command's own new directory
             shutil.rmtree(args.out, ignore_errors=True)
         raise
-    shape = list(data.shape)
+    shape, classes = list(model.hparams.in_shape), list(model.hparams.classes)
     info = {
-        "classes": list(data.classes),
+        "classes": classes,
         "input": {
             "name": "images",
             "shape": ["batch", *shape],
             "dtype": "uint8",
             "layout": f"NCHW, {'RGB' if shape[0] == 3 else 'grayscale'}, 0-255",
         },
-        "output": {"name": "logits", "shape": ["batch", len(data.classes)], "meaning": "one logit per class"},
+        "output": {"name": "logits", "shape": ["batch", len(classes)], "meaning": "one logit per class"},
         "resize": f"images must be resized to {shape[1]}x{shape[2]} (height x width) before they go in, as in "
         "training: turned upright by their EXIF orientation, bilinear with antialiasing",
-        "normalisation (inside the model)": {"mean": list(data.mean), "std": list(data.std)},
+        "normalisation (inside the model)": {
+            "mean": model.normalize.mean.tolist(),
+            "std": model.normalize.std.tolist(),
+        },
         # test-time augmentation averages the net over several views; the exported model is the net, one view
         "test-time augmentation": "none: run the model on flipped or shifted copies and average the logits for it",
         "checkpoint": str(ckpt.absolute()),
-        "parity": {"images": f"the first {len(images)} test images of {data.title}", **report},
+        "parity": {"images": f"the first {len(images)} test images of {type(data).__name__}", **report},
     }
     (args.out / FILES[2]).write_text(json.dumps(info, indent=2) + "\n")
     print(f"Exported {ckpt} to {args.out}: model.onnx, model.pt2, model.json")
-    if model.hparams.tta != "none":
+    if model.hparams.get("tta", "none") != "none":
         print(f"note: model.tta={model.hparams.tta} is not part of the exported model, which sees each image once.")
     print(f"Parity on {len(images)} test images, logits against PyTorch (tolerance {args.atol:g}):")
     for name, (diff, agree) in report.items():

@@ -19,7 +19,13 @@ def schedule(config_args: list[str]) -> tuple[list[float], list[float]]:
     from project.cli import CLI
 
     cli = CLI(args=config_args, command="lr-plot")
-    model, per_epoch, epochs = cli.model, cli.datamodule.steps_per_epoch(), cli.trainer.max_epochs
+    model, data, epochs = cli.model, cli.datamodule, cli.trainer.max_epochs
+    if hasattr(data, "steps_per_epoch"):
+        per_epoch = data.steps_per_epoch()
+    else:  # optional in a data module (project.data.ImageData): its training batches counted
+        data.prepare_data()
+        data.setup("fit")
+        per_epoch = len(data.train_dataloader())
     optimizer = model.optimizer([torch.zeros(1, requires_grad=True)])
     scheduler = model.build_scheduler(optimizer, per_epoch * epochs, epochs) if model.scheduler else None
     by_step = model.hparams.scheduler_interval == "step"

@@ -300,7 +300,8 @@ def run_search(args: argparse.Namespace, extra: list[str]) -> None:
         suggest(trial, space)
         trial.set_user_attr("worker", worker)
         run_name = f"trial_{trial.number:03d}"
-        # the trial's id lets the run's callback report to this very trial from its own process
+        # the trial's id lets the run's callback report to this very trial from its own process: Optuna 5 keeps it
+        # private (optuna issues 2987, 6365 ask for a way to reach a trial from another process)
         report = {"class_path": "project.commands.search.OptunaReport", "init_args": {
             "storage": url, "study": name, "trial_id": trial._trial_id, "monitor": args.monitor,
             "startup_trials": args.startup_trials, "warmup_epochs": args.warmup_epochs}}  # fmt: skip

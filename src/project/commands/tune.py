@@ -6,7 +6,7 @@ any config, each writing what it found as a config file that stacks on the confi
 
 lr-find trains ``--steps`` batches with the learning rate growing exponentially from ``--min_lr`` to ``--max_lr``,
 plots the loss against it and suggests the rate where the loss falls fastest against log(lr) (:func:`suggest`); the
-config sets the optimizer's ``lr`` and, for one-cycle, its ``max_lr``. batch-size-find doubles ``data.batch_size`` from
+config sets the optimizer's ``lr`` (also one-cycle's peak). batch-size-find doubles ``data.batch_size`` from
 the config's for as long as a few training steps run (on a GPU: until its memory runs out), trying at most
 ``--max_trials`` sizes, and no more than the training set's size; the config sets ``data.batch_size``. Neither writes a
 run directory or a checkpoint; the weights they trained are thrown away.
@@ -50,7 +50,8 @@ SKIP = 10
 
 def suggest(lrs: torch.Tensor, losses: torch.Tensor) -> float | None:
     """The learning rate where the smoothed loss falls fastest against log(lr), before its lowest point. Lightning's
-    own suggestion takes the slope against lr itself, which favours the smallest rates, where a step in lr is tiny."""
+    own suggestion takes the slope against lr itself, which favours the smallest rates, where a step in lr is tiny
+    (Lightning issue 21141, since its PR 21055 in 2.5.3; PR 21171, open, would take it against log(lr))."""
     finite = losses.isfinite()
     lrs, losses = lrs[finite][SKIP:], losses[finite][SKIP:]
     if len(losses) < 3:
@@ -117,9 +118,7 @@ def main(argv: list[str]) -> None:
                     "(or it diverged at once): no learning rate to suggest. Try more --steps or another range."
                 )
             lr = float(f"{lr:.3g}")
-            found = {"model": {"optimizer": {"init_args": {"lr": lr}}}}
-            if "OneCycleLR" in str(cli.config.model.scheduler and cli.config.model.scheduler.class_path):
-                found["model"]["scheduler"] = {"init_args": {"max_lr": lr}}
+            found = {"model": {"optimizer": {"init_args": {"lr": lr}}}}  # also one-cycle's peak (one knob)
             plot(lrs, losses, lr, out.with_suffix(".png"), name)
             what = (f"learning rate {lr:g}: where the training loss fell fastest (per factor of learning rate) over "
                     f"{args.steps} steps from {args.min_lr:g} to {args.max_lr:g}, before its lowest point")  # fmt: skip
@@ -127,7 +126,14 @@ def main(argv: list[str]) -> None:
             if args.max_trials < 1:
                 raise ConfigError("batch-size-find: give --max_trials of 1 or more.")
             cli, tuner = _tuner(rest, command, workdir)
-            first = cli.datamodule.hparams.batch_size
+            # where Lightning's finder looks for it: the data module's attribute, or its hyperparameter
+            data = cli.datamodule
+            first = getattr(data, "batch_size", None) or getattr(data, "hparams", {}).get("batch_size")
+            if not isinstance(first, int):
+                raise ConfigError(
+                    f"batch-size-find tunes the data module's batch_size, and {type(cli.datamodule).__qualname__} has "
+                    "none, as an attribute or an init argument (project.data.ImageData)."
+                )
             size = tuner.scale_batch_size(cli.model, datamodule=cli.datamodule, mode="power", init_val=first,
                                           max_trials=args.max_trials)  # fmt: skip
             found = {"data": {"batch_size": int(size)}}

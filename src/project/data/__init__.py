@@ -1,6 +1,18 @@
-"""Datasets: the registry of what each one is, and the LightningDataModule that serves it."""
+"""Datasets: the sources images come from, the registry of the built-in ones, and the LightningDataModule that serves
+any source."""
 
-from project.data.datamodule import ImageDataModule
+from project.data.datamodule import ImageData, ImageDataModule
 from project.data.registry import DATASETS
+from project.data.sources import AbsolutePath, Builtin, ImageFolder, Images, MapDataset, Source
 
-__all__ = ["DATASETS", "ImageDataModule"]
+__all__ = [
+    "DATASETS",
+    "AbsolutePath",
+    "Builtin",
+    "ImageData",
+    "ImageDataModule",
+    "ImageFolder",
+    "Images",
+    "MapDataset",
+    "Source",
+]

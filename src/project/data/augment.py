@@ -25,10 +25,12 @@ def random_hflip(x: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def random_erasing(x: torch.Tensor, p: float, scale=(0.02, 0.33), ratio=(0.3, 3.3)) -> torch.Tensor:
-    """With probability ``p`` per image, set a random rectangle of ``scale`` of its area and aspect ``ratio`` to 0 (the
-    mean, on normalised images), as torchvision's ``RandomErasing``; one box per image (torchvision's draws one box for
-    the whole batch), as masks instead of a loop over images."""
+def random_erasing(
+    x: torch.Tensor, p: float, value: torch.Tensor, scale=(0.02, 0.33), ratio=(0.3, 3.3)
+) -> torch.Tensor:
+    """With probability ``p`` per image, set a random rectangle of ``scale`` of its area and aspect ``ratio`` to
+    ``value`` (per channel), as torchvision's ``RandomErasing``; one box per image (torchvision's draws one box for the
+    whole batch), as masks instead of a loop over images."""
     n, _, h, w = x.shape
     area = torch.empty(n, device=x.device).uniform_(*scale) * (h * w)
     aspect = torch.empty(n, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
@@ -41,4 +43,4 @@ def random_erasing(x: torch.Tensor, p: float, scale=(0.02, 0.33), ratio=(0.3, 3.
     inside_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])
     inside_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])
     box = inside_rows[:, :, None] & inside_cols[:, None, :] & (torch.rand(n, device=x.device) < p)[:, None, None]
-    return x.masked_fill(box[:, None], 0.0)
+    return torch.where(box[:, None], value.view(1, -1, 1, 1).to(x.dtype), x)

@@ -1,25 +1,77 @@
+"""The LightningDataModule that serves any :class:`~project.data.sources.Source`, and the contract every data module
+meets for the template's commands and callbacks (:class:`ImageData`)."""
+
 import hashlib
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from project.data import cache as caches
 from project.data import folder as folders
-from project.data import registry
 from project.data.augment import random_crop, random_erasing, random_hflip
 from project.data.sets import Tensors
+from project.data.sources import Builtin, Images, Source
 from project.errors import ConfigError, DataError
 
-# the built-in datasets, and "folder": a folder of the user's images (data.folder)
-DatasetName = Literal["mnist", "fashion_mnist", "cifar10", "folder"]
+BuiltinName = Literal["mnist", "fashion_mnist", "cifar10"]
+
+
+class ImageData(Protocol):
+    """What the template asks of a data module, :class:`ImageDataModule` or yours (``--data FILE.Class``), besides
+    being a ``LightningDataModule``. Checked when a run starts (:func:`check`).
+
+    Required:
+
+    - ``shape``: ``(channels, height, width)`` of every image in a batch: the net is built for it.
+    - ``classes``: the class names, in label order: the model has one output per class (one for two classes), and
+      reports and ``predictions.csv`` name them.
+    - batches ``(images, labels)``: ``uint8`` images ``(N, C, H, W)`` in 0..255, or floats in [0, 1]; ``int64``
+      labels ``(N,)`` (-1 for a predicted image without one), or, for training, class probabilities
+      ``(N, len(classes))`` (mixup, cutmix).
+
+    Optional:
+
+    - ``mean``, ``std``: per channel, in 0..1 units, the training images' statistics, read once ``setup("fit")`` has
+      run: the model normalises with them and keeps them in its checkpoints. Without them the net sees images in [0, 1].
+    - ``predict_paths``: after ``setup("predict")``, each predicted image's file, in order (``predictions.csv``'s
+      ``file`` column).
+    - ``steps_per_epoch()``: training batches per epoch, known without loading the data (``lr-plot``; without it,
+      ``lr-plot`` sets the data up and counts them).
+    - an init argument ``batch_size``: what ``batch-size-find`` tunes.
+    """
+
+    shape: tuple[int, int, int]
+    classes: Sequence[str]
+
+
+def check(data) -> None:
+    """One message naming what a data module lacks of :class:`ImageData`, and what it is for."""
+    name = f"{type(data).__module__}.{type(data).__qualname__}"
+    needed = {
+        "shape": "the (channels, height, width) of its images, which the net is built for",
+        "classes": "its class names in label order, which size the model's output and name its predictions",
+    }
+    for attribute, purpose in needed.items():
+        if not hasattr(data, attribute):
+            raise ConfigError(f"the data module {name} has no {attribute!r}: {purpose} (project.data.ImageData).")
+    shape, classes = data.shape, data.classes
+    if not (isinstance(shape, Sequence) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise ConfigError(f"the data module {name} has shape={shape!r}: give (channels, height, width), three positive "
+                          "ints (project.data.ImageData).")  # fmt: skip
+    if isinstance(classes, str) or not isinstance(classes, Sequence) or len(classes) < 2:
+        raise ConfigError(f"the data module {name} has classes={classes!r}: give two or more class names, in label "
+                          "order (project.data.ImageData).")  # fmt: skip
 
 
 class _SlicedBatchSampler(BatchSampler):
     """Draws the sampler's order for the whole epoch at once and yields it in tensor slices; the stock
     BatchSampler builds each batch with one Python call per index. Keeps BatchSampler's signature, so that
-    Lightning can rebuild it around its DistributedSampler under DDP."""
+    Lightning can rebuild it around its DistributedSampler under DDP (Lightning 2.6 re-instantiates a custom batch
+    sampler from its constructor's arguments: issue 20272)."""
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         order = torch.as_tensor(list(self.sampler))
@@ -45,25 +97,9 @@ class _EpochShuffle(RandomSampler):
         ).tolist()
 
 
-def _size(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-
-
-def task(
-    dataset: str, positive_class: int | None, folder: str | None, image_size: int | tuple[int, int], channels: int
-) -> tuple[tuple[int, int, int], int]:
-    """The image shape and the number of classes, known without decoding an image (a folder's from its names)."""
-    if dataset == "folder":
-        if folder is None or not str(folder).strip():
-            raise ConfigError("data.dataset folder needs data.folder: the directory with one sub-folder per class.")
-        return (channels, *_size(image_size)), 2 if positive_class is not None else len(folders.classes_of(folder))
-    info = registry.DATASETS[dataset]
-    return info.shape, 2 if positive_class is not None else len(info.classes)
-
-
-def _key(seed: int, path) -> float:
-    """A number in [0, 1) drawn from a seed and a path alone."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{path}".encode()).digest()[:8], "big") / 2**64
+def _key(seed: int, name: str) -> float:
+    """A number in [0, 1) drawn from a seed and an image's name alone."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") / 2**64
 
 
 def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,48 +107,42 @@ def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
 
 
 class ImageDataModule(LightningDataModule):
-    """MNIST, Fashion-MNIST, CIFAR-10 or a folder of images, held as ``uint8`` tensors and served in whole batches.
+    """Any :class:`~project.data.sources.Source` (a built-in dataset by name: ``mnist``, ``fashion_mnist``,
+    ``cifar10``; :class:`~project.data.sources.ImageFolder`; :class:`~project.data.sources.MapDataset`), held as
+    ``uint8`` tensors and served in whole batches.
 
-    Built-in datasets: the official train set is split (seeded by ``split_seed``) into train and validation; the
-    official test set stays the test set. ``folder`` (``data.folder``): one sub-folder per class, either inside
-    ``train/`` (with optional ``val/`` and ``test/``) or directly, decoded at ``image_size`` with ``channels``
-    (1: grayscale, 3: RGB); what has no split folder of its own is carved from the train pool, ``val_size`` then
-    ``test_size`` (counts or fractions); the mean and std are measured on the train split and kept in checkpoints.
-    A folder larger than ``in_memory_max_mb`` decoded is read from disk by ``num_workers`` workers (see
-    :mod:`project.data.folder`).
+    The splits a source has of its own are used as they are; the others are carved from its train split: ``val_size``
+    images for validation and, for a source without a test split, ``test_size`` for test (counts or fractions). The
+    carving follows each image's name where the source gives one (a folder's paths: adding or removing files moves no
+    other image between the splits), otherwise a permutation seeded by ``split_seed``. The mean and std are the
+    source's where it knows them, otherwise measured on the train split.
 
-    Training batches can also be regularised as a whole on the device: ``random_erasing`` (the probability that an
-    image gets a box of zeros), and mixup and cutmix (torchvision's ``MixUp`` and ``CutMix``, Beta(``alpha``, ``alpha``)
-    mixing, one of the two at random per batch when both are on), which turn the labels into soft targets
-    ``(N, num_classes)``. All off at 0.
+    Training batches can be augmented as a whole on the device: ``crop_padding`` (a random crop after zero padding),
+    ``hflip``, ``random_erasing`` (the probability that an image gets a box of its train split's mean colour), and
+    mixup and cutmix (torchvision's ``MixUp`` and ``CutMix``, Beta(``alpha``, ``alpha``) mixing, one of the two at
+    random per batch when both are on), which turn the labels into soft targets ``(N, num_classes)``. All off at 0.
+    Batches reach the device as ``uint8`` (floats in [0, 1] once erased or mixed): the model normalises them.
 
-    ``predict`` labels the test set, or with ``predict_files`` (files, folders, glob patterns) those images, resized
-    to the training size. Batches reach the device as ``uint8``; augmentation (``crop_padding``, ``hflip``) and
-    normalisation run there on the whole batch. ``positive_class`` turns the task into one-vs-rest binary
-    classification. ``on_device`` keeps the splits in the accelerator's memory (60,000 28x28 images take 47 MB), so
-    that a batch is one slice there and no step waits for a host-to-device copy. Arguments without a default here take
-    theirs from ``configs/default.yaml``.
+    ``predict`` labels the test split, or with ``predict_files`` (files, folders, glob patterns) those images, resized
+    to the training size. ``positive_class`` turns the task into one-vs-rest binary classification. ``on_device`` keeps
+    the splits in the accelerator's memory (60,000 28x28 images take 47 MB), so that a batch is one slice there and no
+    step waits for a host-to-device copy. Arguments without a default here take theirs from ``configs/default.yaml``.
     """
 
     def __init__(
         self,
-        dataset: DatasetName,
+        source: Source | BuiltinName,
         batch_size: int,
         data_dir: str = "data",
         val_size: int | float = 5000,
+        test_size: int | float = 0.1,
         eval_batch_size: int = 1000,
         crop_padding: int = 0,
         hflip: bool = False,
         positive_class: int | None = None,
         num_workers: int = 0,
-        download: bool = True,
         split_seed: int = 0,
         on_device: bool = False,
-        folder: str | None = None,
-        image_size: int | tuple[int, int] = 64,
-        channels: Literal[1, 3] = 3,
-        test_size: int | float = 0.1,
-        in_memory_max_mb: int = 2048,
         predict_files: str | list[str] | None = None,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -122,8 +152,8 @@ class ImageDataModule(LightningDataModule):
         self.save_hyperparameters()
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError(f"data.batch_size ({batch_size}) and data.eval_batch_size must be at least 1.")
-        if min(crop_padding, num_workers, in_memory_max_mb) < 0:
-            raise ConfigError("data.crop_padding, data.num_workers and data.in_memory_max_mb cannot be negative.")
+        if min(crop_padding, num_workers) < 0:
+            raise ConfigError("data.crop_padding and data.num_workers cannot be negative.")
         if on_device and num_workers:
             raise ConfigError("data.on_device serves batches from the accelerator's memory: set data.num_workers to 0.")
         for key, size in (("val_size", val_size), ("test_size", test_size)):
@@ -135,17 +165,9 @@ class ImageDataModule(LightningDataModule):
         if min(mixup_alpha, cutmix_alpha) < 0 or not 0 <= random_erasing <= 1:
             raise ConfigError("data.mixup_alpha and data.cutmix_alpha cannot be negative; data.random_erasing is a "
                               "probability, in [0, 1].")  # fmt: skip
-        if min(_size(image_size)) < 1:
-            raise ConfigError(f"data.image_size={image_size}: give a size of 1 pixel or more (an int, or [H, W]).")
-        if dataset != "folder" and folder is not None:
-            raise ConfigError(f"data.folder is for data.dataset folder; {dataset} is a built-in dataset.")
-        self.shape, _ = task(dataset, None, folder, image_size, channels)
-        if dataset == "folder":
-            self.title, self.all_classes = f"image folder {folder}", folders.classes_of(folder)
-            self.mean = self.std = None  # measured on the train split in setup
-        else:
-            info = registry.DATASETS[dataset]
-            self.title, self.all_classes, self.mean, self.std = info.title, info.classes, info.mean, info.std
+        self.source = Builtin(source) if isinstance(source, str) else source
+        self.title, self.shape, self.all_classes = self.source.title, tuple(self.source.shape), self.source.classes
+        self.mean, self.std = self.source.mean, self.source.std  # None: measured on the train split in setup
         if positive_class is not None and not 0 <= positive_class < len(self.all_classes):
             raise ConfigError(
                 f"data.positive_class={positive_class} is not a class of {self.title} (0..{len(self.all_classes) - 1})."
@@ -158,7 +180,7 @@ class ImageDataModule(LightningDataModule):
         # the run's seed (seed_everything has set it by now): another seed, another order
         self.shuffle_seed = torch.initial_seed()
         self.train_set = self.val_set = self.test_set = self.predict_set = None
-        self.test_paths: list | None = None  # a folder's test images' files, in test_set's order
+        self.test_paths: list | None = None  # the test images' files, in test_set's order, where they are files
         self.predict_paths: list | None = None  # the files of predict_set's images, where they are files
 
     @property
@@ -181,51 +203,73 @@ class ImageDataModule(LightningDataModule):
 
     def steps_per_epoch(self) -> int:
         """Training batches per epoch, known without decoding an image."""
-        if self.hparams.dataset == "folder":
-            splits = folders.scan(self.hparams.folder).splits
-            n = len(splits["train"][0])
-            n_val, n_test = self._carve(n, "val" in splits, "test" in splits)
-        else:
-            n = registry.DATASETS[self.hparams.dataset].train_size
-            n_val, n_test = self._carve(n, False, True)
+        n = self.source.size()
+        n_val, n_test = self._carve(n, "val" in self.source.splits, "test" in self.source.splits)
         return (n - n_val - n_test) // self.hparams.batch_size
 
+    def _predicting_files(self) -> bool:
+        return (
+            self.hparams.predict_files is not None and self.trainer is not None and self.trainer.state.fn == "predict"
+        )
+
     def prepare_data(self) -> None:
-        """Once per node (Lightning calls it on local rank 0 only): the files in place, or a folder's cache built;
+        """Once per node (Lightning calls it on local rank 0 only): the source's files in place and its cache built;
         nothing when ``predict`` labels ``predict_files``, which the checkpoint's classes and statistics describe."""
-        h = self.hparams
-        if h.predict_files is not None and self.trainer is not None and self.trainer.state.fn == "predict":
-            return
-        if h.dataset != "folder":
-            registry.prepare(h.dataset, h.data_dir, h.download)
-        else:
-            folders.cache(h.folder, _size(h.image_size), h.channels, h.data_dir, h.in_memory_max_mb, h.num_workers)
+        if not self._predicting_files():
+            self.source.prepare(Path(self.hparams.data_dir), self.hparams.num_workers)
 
     def setup(self, stage: str) -> None:
         if stage == "predict" and self.hparams.predict_files is not None:
             if self.predict_set is None:
                 self.predict_set = self._load_files()
             return
-        if self.hparams.dataset == "folder":
-            if self.train_set is None:
-                self._setup_folder()
-        elif stage in ("fit", "validate") and self.train_set is None:
-            pool = Tensors(*self._relabel(*registry.load(self.hparams.dataset, self.hparams.data_dir, train=True)))
-            self.train_set, self.val_set, _ = self._split(pool)
-        elif stage in ("test", "predict") and self.test_set is None:
-            x, y = registry.load(self.hparams.dataset, self.hparams.data_dir, train=False)
-            self.test_set = Tensors(*self._relabel(x, y))
+        own_test = "test" in self.source.splits
+        if self.train_set is None and (stage in ("fit", "validate") or not own_test):
+            self._setup_pool()
+        if stage in ("test", "predict") and self.test_set is None:
+            test = self._load("test")
+            self.test_set, self.test_paths = test.set, test.paths
         if stage == "predict":
             self.predict_set, self.predict_paths = self.test_set, self.test_paths
 
-    def _relabel(self, x, y: torch.Tensor) -> tuple:
-        return x, y if self.hparams.positive_class is None else (y == self.hparams.positive_class).long()
+    def _load(self, split: str) -> Images:
+        images = self.source.load(split, Path(self.hparams.data_dir), self.hparams.num_workers)
+        if self.hparams.positive_class is not None:
+            images.set.y = (images.set.y == self.hparams.positive_class).long()
+        return images
 
-    def _split(self, pool, val=None, test=None, carve_test: bool = False, keys: torch.Tensor | None = None) -> tuple:
-        """Train, validation and (with ``carve_test``) test sets: the ones a split folder gave (``val``, ``test``),
-        the rest carved from the train pool in an order seeded by ``split_seed``, or by the pool's ``keys`` (numbers
-        in [0, 1), one per image): fractions then take the images whose keys fall in [0, val_size) and
-        [val_size, val_size + test_size). Keeps the pool indices that train in ``_train_index``."""
+    def _setup_pool(self) -> None:
+        """The train split and the validation split, and where the source has none, the test split, carved from the
+        source's train split; the mean and std measured on the train split where the source does not know them."""
+        pool = self._load("train")
+        val = self._load("val").set if "val" in self.source.splits else None
+        carve_test = "test" not in self.source.splits
+        # each image's place in the carving order from its name alone: adding or removing images moves no other image
+        # between the splits (with fractions), so a run's test images stay out of a later run's training
+        keys = None
+        if pool.names is not None:
+            keys = torch.tensor([_key(self.hparams.split_seed, name) for name in pool.names], dtype=torch.float64)
+        self.train_set, self.val_set, test = self._split(pool.set, val, carve_test, keys)
+        if carve_test:
+            self.test_set = test
+            self.test_paths = [pool.paths[i] for i in self._test_index.tolist()] if pool.paths else None
+        for name, split in (("validation", self.val_set), ("test", self.test_set)):
+            if split is not None and not len(split):
+                raise DataError(f"the {name} split of {self.title} holds no images that torchvision can decode.")
+        if self.mean is None:
+            sums = pool.sums[self._train_index] if pool.sums is not None else _sums(self.train_set.x)
+            sums = sums.sum(0)
+            pixels = len(self._train_index) * self.shape[1] * self.shape[2]
+            mean = sums[0] / pixels
+            std = (sums[1] / pixels - mean.square()).clamp(min=0).sqrt()
+            self.mean = tuple(mean.tolist())
+            self.std = tuple(torch.where(std > 0, std, torch.ones_like(std)).tolist())
+
+    def _split(self, pool, val, carve_test: bool, keys: torch.Tensor | None) -> tuple:
+        """Train, validation and (with ``carve_test``) test sets: ``val`` where the source has it, the rest carved
+        from the train pool in an order seeded by ``split_seed``, or by the pool's ``keys`` (numbers in [0, 1), one
+        per image): fractions then take the images whose keys fall in [0, val_size) and [val_size, val_size +
+        test_size). Keeps the pool indices that train in ``_train_index`` and that test in ``_test_index``."""
         n = len(pool)
         n_val, n_test = self._carve(n, val is not None, not carve_test)
         if keys is None:
@@ -254,58 +298,20 @@ class ImageDataModule(LightningDataModule):
         self._train_index, self._test_index = order[n_val + n_test :], order[n_val : n_val + n_test]
         if val is None:
             val = pool.subset(order[:n_val])
-        if carve_test:
-            test = pool.subset(order[n_val : n_val + n_test])
+        test = pool.subset(self._test_index) if carve_test else None
         return pool.subset(self._train_index), val, test
-
-    def _setup_folder(self) -> None:
-        h = self.hparams
-        data = folders.load(h.folder, _size(h.image_size), h.channels, h.data_dir, h.in_memory_max_mb, h.num_workers)
-        for split in data.sets.values():
-            split.y = self._relabel(None, split.y)[1]
-        test = data.sets.get("test")
-        # each image's place in the carving order from its path alone: adding or removing files moves no other image
-        # between the splits (with fractions), so a run's test images stay out of a later run's training
-        keys = torch.tensor([_key(h.split_seed, p.relative_to(data.layout.root)) for p in data.paths["train"]],
-                            dtype=torch.float64)  # fmt: skip
-        self.train_set, self.val_set, self.test_set = self._split(
-            data.sets["train"], data.sets.get("val"), test, carve_test=test is None, keys=keys
-        )
-        self.test_paths = data.paths["test"] if test is not None else [data.paths["train"][i] for i in self._test_index]
-        for name, split in (("validation", self.val_set), ("test", self.test_set)):
-            if not len(split):
-                raise DataError(f"the {name} split of {self.title} holds no images that torchvision can decode.")
-        if self.mean is None:  # not restored from a checkpoint: measured on this train split
-            sums = data.sums["train"][self._train_index].sum(0)
-            pixels = len(self._train_index) * self.shape[1] * self.shape[2]
-            mean = sums[0] / pixels
-            std = (sums[1] / pixels - mean.square()).clamp(min=0).sqrt()
-            self.mean = tuple(mean.tolist())
-            self.std = tuple(torch.where(std > 0, std, torch.ones_like(std)).tolist())
 
     def _load_files(self) -> Tensors:
         files = folders.expand([self.hparams.predict_files] if isinstance(self.hparams.predict_files, str)
                                else list(self.hparams.predict_files))  # fmt: skip
-        images, _, ok = folders.decode_all(files, self.shape[1:], self.shape[0], self.hparams.num_workers, keep=True)
+        c, h, w = self.shape
+        images, _, _, ok = caches.decode_all(folders.Decoded(files, (h, w), c), self.shape, self.hparams.num_workers,
+                                             keep=True)  # fmt: skip
         folders.warn_skipped([f for f, good in zip(files, ok.tolist(), strict=True) if not good], len(files))
         if not ok.any():
             raise DataError(f"none of the {len(files)} files of data.predict_files is an image torchvision can decode.")
         self.predict_paths = [f for f, good in zip(files, ok.tolist(), strict=True) if good]
         return Tensors(images[ok], torch.full((int(ok.sum()),), -1))
-
-    def state_dict(self) -> dict:
-        """Kept in checkpoints, so that test, predict and export normalise as training did and name its classes."""
-        return {"mean": list(self.mean or ()), "std": list(self.std or ()), "classes": list(self.all_classes)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if list(state.get("classes", self.all_classes)) != list(self.all_classes):
-            raise ConfigError(
-                f"the checkpoint was trained on the classes {', '.join(state['classes'])}, and {self.title} has "
-                f"{', '.join(self.all_classes)}: use the data the run was trained on."
-            )
-        if state.get("mean"):
-            self.mean, self.std = tuple(state["mean"]), tuple(state["std"])
-            self.__dict__.pop("_stats", None)
 
     def train_dataloader(self) -> DataLoader:
         # drop_last: a final batch of one image would break BatchNorm
@@ -338,28 +344,25 @@ class ImageDataModule(LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if not isinstance(batch, tuple | list):  # the model summary's example input, already a float image
+        # not the model summary's example input, a float image already; and only training batches are augmented
+        if self.trainer is None or not self.trainer.training or not isinstance(batch, tuple | list):
             return batch
         x, y = batch
-        if self.trainer is None or not self.trainer.training:
-            return self.normalize(x), y
-        if self.hparams.crop_padding:
-            x = random_crop(x, self.hparams.crop_padding)
-        if self.hparams.hflip:
+        h = self.hparams
+        if h.crop_padding:
+            x = random_crop(x, h.crop_padding)
+        if h.hflip:
             x = random_hflip(x)
-        x = self.normalize(x)
-        if self.hparams.random_erasing:
-            x = random_erasing(x, self.hparams.random_erasing)
-        if self.mix is not None:
-            x, y = self.mix(x, y)
+        if h.random_erasing or self.mix is not None:
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x  # [0, 1]: torchvision's convention for floats
+            if h.random_erasing:  # the mean colour, which normalisation makes 0, as torchvision's on normalised images
+                x = random_erasing(x, h.random_erasing, torch.tensor(self.mean, device=x.device))
+            if self.mix is not None:
+                x, y = self.mix(x, y)
         return x, y
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``uint8`` images to floats with the training data's mean 0 and std 1 per channel."""
-        if self.mean is None:  # a folder's predict without a checkpoint, which would have brought them
-            self._setup_folder()
-        if getattr(self, "_stats", (None,))[0] != x.device:  # copied to the device once, not every batch
-            stats = torch.tensor([self.mean, self.std], device=x.device) * 255
-            self._stats = (x.device, *stats.view(2, 1, -1, 1, 1))
-        _, mean, std = self._stats
-        return (x.float() - mean) / std
+
+def _sums(x: torch.Tensor) -> torch.Tensor:
+    """Each image's per-channel sum and sum of squares (float64, in 0..1 units), for a source that gives none."""
+    pixels = x.flatten(2).double().div_(255)
+    return torch.stack([pixels.sum(2), pixels.square().sum(2)], 1)

@@ -18,17 +18,15 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from project.data import cache as caches
 from project.data.sets import Files, Tensors, decode
 from project.errors import ConfigError, DataError
-from project.files import replacing
-from project.signals import Interrupted, StopSignals
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 # the names a split folder may have beside train/
 SPLITS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
-_CACHE_VERSION = 3  # bump when what the cache holds, or how an image is decoded, changes
 
 
 @dataclass(frozen=True)
@@ -64,15 +62,17 @@ def classes_of(root: str | Path) -> tuple[str, ...]:
     root = Path(root)
     if not root.is_dir():
         what = "is a file, not a directory" if root.exists() else "does not exist"
-        raise DataError(f"data.folder {root} {what}: give the directory that holds one sub-folder of images per class.")
+        raise DataError(
+            f"data.source.root {root} {what}: give the directory that holds one sub-folder of images per class."
+        )
     base = root / "train" if (root / "train").is_dir() else root
     classes = tuple(d.name for d in _class_dirs(base))
     if len(classes) < 2:
         found = f"one class folder ({classes[0]})" if classes else "no class folders"
         split = f" ({base.name}/ is the train split: no class can be named {base.name})" if base != root else ""
         raise DataError(
-            f"data.folder {base} has {found}{split}: classification needs two or more, one sub-folder per class named "
-            f"after it ({root}/cat/1.jpg, {root}/dog/2.png, ...), optionally inside train/, val/ and test/."
+            f"data.source.root {base} has {found}{split}: classification needs two or more, one sub-folder per class "
+            f"named after it ({root}/cat/1.jpg, {root}/dog/2.png, ...), optionally inside train/, val/ and test/."
         )
     return classes
 
@@ -88,8 +88,8 @@ def scan(root: str | Path) -> Layout:
         known = {p for p in found.values() if p is not None}
         if others := [d.name for d in _class_dirs(root) if d not in known]:
             raise DataError(
-                f"data.folder {root} has train/ and also {', '.join(others)}/: beside train/, a folder holds only val/ "
-                "(or valid/, validation/) and test/ (or testing/). Move or rename the others."
+                f"data.source.root {root} has train/ and also {', '.join(others)}/: beside train/, a folder holds only "
+                "val/ (or valid/, validation/) and test/ (or testing/). Move or rename the others."
             )
     splits, ignored = {}, []
     for split, base in found.items():
@@ -114,8 +114,9 @@ def scan(root: str | Path) -> Layout:
     return Layout(root, classes, splits, ignored)
 
 
-class _Decoded(Dataset):
-    """Each file decoded, or ``None`` where it cannot be: a building block of :func:`decode_all`."""
+class Decoded(Dataset):
+    """Each file as ``(its image, -1)``, or ``(None, -1)`` where it cannot be decoded: the items of
+    :func:`project.data.cache.decode_all`, whose labels a folder takes from its class folders' names instead."""
 
     def __init__(self, files: list[Path], size: tuple[int, int], channels: int):
         self.files, self.size, self.channels = files, size, channels
@@ -123,44 +124,15 @@ class _Decoded(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor | None:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
         try:
-            return decode(self.files[i], self.size, self.channels)
+            return decode(self.files[i], self.size, self.channels), -1
         except DataError:
-            return None
-
-
-def _as_list(batch: list) -> list:
-    return batch
-
-
-def decode_all(
-    files: list[Path], size: tuple[int, int], channels: int, num_workers: int, keep: bool
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Decodes every file once (in ``num_workers`` processes): the images if ``keep``, each image's per-channel sum
-    and sum of squares (float64, in 0..1 units), and which files decoded."""
-    n = len(files)
-    images = torch.empty(n, channels, *size, dtype=torch.uint8) if keep else None
-    sums = torch.zeros(n, 2, channels, dtype=torch.float64)
-    ok = torch.zeros(n, dtype=torch.bool)
-    loader = DataLoader(_Decoded(files, size, channels), batch_size=64, num_workers=num_workers, collate_fn=_as_list)
-    i = 0
-    for batch in loader:
-        if StopSignals.signum is not None:  # Ctrl+C: a large folder takes minutes; nothing is cached
-            raise Interrupted(StopSignals.signum, "Stopped while decoding the images; nothing was written.")
-        for image in batch:
-            if image is not None:
-                ok[i] = True
-                pixels = image.double().div_(255).flatten(1)
-                sums[i, 0], sums[i, 1] = pixels.sum(1), pixels.square().sum(1)
-                if keep:
-                    images[i] = image
-            i += 1
-    return images, sums, ok
+            return None, -1
 
 
 def _listing_key(layout: Layout, size: tuple[int, int], channels: int) -> str:
-    digest = hashlib.sha256(f"{_CACHE_VERSION} {size} {channels}".encode())
+    digest = hashlib.sha256(f"{caches.VERSION} {size} {channels}".encode())
     for files, _ in layout.splits.values():
         for f in files:
             try:
@@ -195,11 +167,10 @@ def cache(
     # one cache file per folder, size, channels and kind: a changed folder's replaces its earlier one
     which = hashlib.sha256(f"{layout.root.resolve()} {size} {channels} {in_memory}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / "folders" / f"{layout.root.resolve().name}-{which}.pt"
-    cached = _read_cache(path, key)
+    cached = caches.read(path, key)
     if cached is None:
-        images, sums, ok = decode_all(files, size, channels, workers, keep=in_memory)
-        cached = {"key": key, "images": images, "sums": sums, "ok": ok}
-        _write_cache(path, {**cached, "digest": _digest(cached)})
+        images, _, sums, ok = caches.decode_all(Decoded(files, size, channels), (channels, *size), workers, in_memory)
+        cached = caches.write(path, {"key": key, "images": images, "sums": sums, "ok": ok})
     return layout, cached
 
 
@@ -249,36 +220,6 @@ def warn_skipped(skipped: list[Path], total: int, where: str = "") -> None:
         names = ", ".join(str(f) for f in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         print(f"warning: skipped {len(skipped)} of {total} files{where} that cannot be read or decoded as images: "
               f"{names}", file=sys.stderr)  # fmt: skip
-
-
-def _read_cache(path: Path, key: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        cached = torch.load(path, weights_only=True, mmap=True)
-    except Exception:  # a cache that cannot be read (a kill mid-write cannot cause it, see _write_cache) is rebuilt
-        return None
-    if not isinstance(cached, dict) or cached.get("key") != key:
-        return None
-    if cached.get("digest") != _digest(cached):  # bytes changed on disk since it was written
-        print(f"note: the decoded images in {path} are damaged; decoding the folder again.", file=sys.stderr)
-        return None
-    return cached
-
-
-def _digest(cached: dict) -> str:
-    """A checksum of the cached tensors (about 0.6 s per GB here): a damaged cache is rebuilt, not trained on."""
-    digest = hashlib.sha256()
-    for name in ("images", "sums", "ok"):
-        if cached.get(name) is not None:
-            digest.update(cached[name].contiguous().flatten().view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _write_cache(path: Path, cached: dict) -> None:
-    # two runs building the same cache at once, or a kill mid-write, leave a whole file
-    with replacing(path) as f:
-        torch.save(cached, f)
 
 
 def expand(patterns: list[str]) -> list[Path]:
