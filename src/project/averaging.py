@@ -46,8 +46,9 @@ class EMA(_AveragedFromFirstUpdate, EMAWeightAveraging):
     Lightning's ``EMAWeightAveraging``, so validation, checkpoints, and what loads them (test, predict, export) use
     the average; ``current_model_state`` in a checkpoint keeps the raw weights for resuming. The update is one fused
     ``lerp`` over all tensors that reads nothing back (``AveragedModel.update_parameters`` in torch 2.14 reads its
-    counter each step, a GPU sync: pytorch issue 175085, PR 157705). With ``warmup`` (as timm's EMA), the decay at step ``t`` is ``min(decay, (1 + t) / (10 + t))``:
-    early on the average follows the weights closely instead of holding on to the random initial ones.
+    counter each step, a GPU sync: pytorch issue 175085, PR 157705). With ``warmup`` (as timm's EMA), the decay at
+    step ``t`` is ``min(decay, (1 + t) / (10 + t))``: early on the average follows the weights closely instead of
+    holding on to the random initial ones.
     """
 
     def __init__(
