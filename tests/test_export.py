@@ -20,9 +20,17 @@ from project.module import ImageClassifier
 CLASSES = sorted(FOLDER_CLASSES)
 
 
+@pytest.fixture(scope="module")
+def trained_folder(image_folder, tmp_path_factory) -> Path:
+    """One folder run for the module's tests, each of which gets a copy of it (a run moved is a run: see README)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    assert invoke(folder_fit(tmp, image_folder, "--trainer.max_epochs=2")).returncode == 0
+    return tmp / "logs"
+
+
 @pytest.fixture
-def folder_run(image_folder, tmp_path) -> Path:
-    assert invoke(folder_fit(tmp_path, image_folder, "--trainer.max_epochs=2")).returncode == 0
+def folder_run(trained_folder, tmp_path) -> Path:
+    shutil.copytree(trained_folder, tmp_path / "logs")
     return tmp_path / "logs" / "folder" / "version_0"
 
 

@@ -122,7 +122,9 @@ def test_kill_9_loses_only_the_running_trial_and_the_same_command_continues(tmp_
         assert time.monotonic() < deadline, "the trial's training outlived its search"
         time.sleep(0.2)
 
-    time.sleep(3)  # the grace period of a 1 s heartbeat, after which the trial counts as stale
+    # the grace period of a 1 s heartbeat, after which the trial counts as stale, measured in whole seconds (SQLite's
+    # CURRENT_TIMESTAMP): more than 3 s by its clock
+    time.sleep(4.5)
     again = Child(args, tmp_path / "again.log")
     assert again.wait() == 0, again.output[-3000:]
     trials = study(tmp_path).trials
