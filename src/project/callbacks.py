@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from project import runs
 from project.errors import ConfigError
 
 
@@ -53,7 +54,7 @@ class CSVPredictionWriter(BasePredictionWriter):
         header = ["index"] + (["file"] if files else []) + (["target"] if labelled else [])
         header += ["prediction", "class_name", "probability"]
         header += [f"{name}_{rank}" for rank in range(2, k + 1) for name in ("class", "probability")]
-        path = Path(trainer.log_dir or ".") / self.filename
+        path = runs.directory(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
@@ -100,11 +101,14 @@ class TensorBoardReport(Callback):
 
     @staticmethod
     def _writer(trainer: Trainer):
-        logger = trainer.logger
-        return logger.experiment if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero else None
+        """The SummaryWriter of the run's TensorBoard logger, wherever it is in the list of loggers (rank 0 only)."""
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        return logger.experiment if logger is not None and trainer.is_global_zero else None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        resumed = trainer.ckpt_path and Path(trainer.ckpt_path).parents[1] == Path(trainer.log_dir)
+        resumed = (
+            trainer.ckpt_path and Path(trainer.ckpt_path).resolve().parents[1] == runs.directory(trainer).resolve()
+        )
         if (writer := self._writer(trainer)) is None or resumed:  # a resumed run has its report already
             return
         summary = ModelSummary(pl_module, max_depth=-1)
@@ -162,7 +166,8 @@ class TensorBoardReport(Callback):
         best = pl_module.val_acc_best.max_value.item()  # the state itself: compute() warns after a checkpoint load
         if best > float("-inf"):  # not for a test of a checkpoint that never validated
             metrics["val/acc_best"] = best
-        trainer.logger.log_hyperparams({**pl_module.hparams, **getattr(trainer.datamodule, "hparams", {})}, metrics)
+        logger = next(lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger))
+        logger.log_hyperparams({**pl_module.hparams, **getattr(trainer.datamodule, "hparams", {})}, metrics)
 
 
 def _confusion_figure(matrix: torch.Tensor, classes: tuple[str, ...]):

@@ -15,15 +15,17 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from project import runs
+from project import record, runs
 from project.callbacks import CSVPredictionWriter, TensorBoardReport
 from project.checkpoint import SafeModelCheckpoint, read_checkpoint
 from project.configs import DEFAULT_CONFIG, check_config_files, check_unquoted_pattern
 from project.data import ImageData
 from project.data.datamodule import check as check_data
 from project.errors import ConfigError
+from project.files import replacing
 from project.module import ImageClassifier
 from project.module import check as check_model
+from project.record import MetricsRecord
 from project.signals import StopSignals
 
 COMMANDS = ("fit", "validate", "test", "predict")
@@ -89,13 +91,14 @@ class Parser(LightningArgumentParser):
 
 
 class SaveConfig(SaveConfigCallback):
-    """LightningCLI's ``config.yaml`` in the run directory, which a resumed run rewrites (with the resume's overrides)
-    only once it trains again: a resume that stops before (an override that cannot work) leaves the config as it was.
-    LightningCLI 2.6 saves it in ``setup``, before anything has run (and refuses an existing one unless
-    ``overwrite``: Lightning issue 17115)."""
+    """LightningCLI's ``config.yaml``, written whole or not at all into the run's directory (:func:`runs.directory`,
+    whatever the logger: LightningCLI 2.6 writes it to ``trainer.log_dir``, an MLflow store's root), with ``run.json``
+    beside it (:mod:`project.record`). A resumed run rewrites it (with the resume's overrides) only once it trains
+    again: a resume that stops before (an override that cannot work) leaves the config as it was. (LightningCLI also
+    refuses an existing one unless ``overwrite``: Lightning issue 17115.)"""
 
     def __init__(self, *args, resumed: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, save_to_log_dir=False, **kwargs)
         self.resumed = resumed
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -104,6 +107,13 @@ class SaveConfig(SaveConfigCallback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().setup(trainer, pl_module, "fit")
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        directory = runs.directory(trainer)
+        with replacing(directory / self.config_filename) as f:
+            f.write(self.parser.dump(self.config, skip_none=False).encode())
+        if trainer.state.fn == "fit":
+            record.write(trainer, pl_module)
 
 
 def _shape_of(data: ImageData) -> tuple[int, int, int]:
@@ -142,7 +152,7 @@ class CLI(LightningCLI):
                 args=args,
                 run=command is None,
                 # always there, whatever a config's trainer.callbacks says
-                trainer_defaults={"callbacks": [TensorBoardReport()]},
+                trainer_defaults={"callbacks": [TensorBoardReport(), MetricsRecord()]},
                 save_config_callback=SaveConfig,
                 parser_class=Parser,
                 save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
@@ -186,24 +196,31 @@ class CLI(LightningCLI):
                 f"{command} evaluates a trained model: give --ckpt_path best (the newest run's best checkpoint), last, "
                 "or a .ckpt file (with --config <run>/config.yaml for another run's config)."
             )
-        logger = config.trainer.logger
-        root = Path(logger.init_args.save_dir) / logger.init_args.name if _is_tensorboard(logger) else None
+        logger = runs.first_logger(config.trainer.logger)
+        root = runs.root_of(logger, config.trainer.default_root_dir)
+        first = rank_zero_only.rank == 0  # the other processes of a DDP run take rank 0's directories from it
+        run = None
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
         if config.get("ckpt_path"):
             path = runs.resolve(config.ckpt_path, root)
             # a file that is no checkpoint is named here, before LightningCLI reads the hyperparameters in it
             self.checkpoint = read_checkpoint(path)
             config.ckpt_path = str(path)
-            # a checkpoint of a run under logs/ belongs to that run: fit continues its directory and TensorBoard run
-            if root is not None and path.parent.name == "checkpoints" and path.parents[2].resolve() == root.resolve():
-                logger.init_args.version = path.parent.parent.name
-                if command == "fit" and rank_zero_only.rank == 0:
-                    runs.hold(path.parent)
-        # validate, test and predict write their own directory inside the run they evaluate, never into the run
-        if command != "fit" and root is not None and logger.init_args.version and not logger.init_args.sub_dir:
-            first = rank_zero_only.rank == 0  # the other processes of a DDP run write nothing
-            logger.init_args.sub_dir = runs.claim(root / logger.init_args.version, command) if first else command
-            runs.CLAIMED.append(root / logger.init_args.version / logger.init_args.sub_dir)
+            run = runs.run_of(path, self.checkpoint)
+        if command == "fit" and run is not None:  # a checkpoint of a run belongs to it: fit continues that run
+            runs.place(config, run)
+            if first:
+                runs.hold(path.parent)
+        elif config.trainer.fast_dev_run:  # a dry run: Lightning writes nothing, and no directory is claimed for it
+            pass
+        elif first and run is None:  # a new run (or an evaluation of a checkpoint of none), a directory of its own
+            run = root / runs.claim(root, "version")
+            runs.CLAIMED.append(run)
+            runs.place(config, run)
+        elif first:  # validate, test and predict write their own directory inside the run they evaluate, not into it
+            sub = runs.claim(run, command)
+            runs.CLAIMED.append(run / sub)
+            runs.place(config, run, sub)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI 2.6.0 takes the model's arguments from the checkpoint over the command's (its PR 21116; PR 21455,
@@ -226,9 +243,11 @@ class CLI(LightningCLI):
                     "this config asks for a GPU (trainer.accelerator), but torch sees none on this machine. Run it on "
                     "a machine with a CUDA GPU, or add --config configs/trainer/cpu.yaml to run it on the CPU."
                 )
-        # the flags win over the configured bar and summary
-        for flag, kind in (("enable_progress_bar", "ProgressBar"), ("enable_model_summary", "ModelSummary")):
-            if config.trainer[flag] is False:
+        # the flags win over the configured bar and summary; and without a logger there is no learning rate to log
+        for off, kind in ((config.trainer.enable_progress_bar is False, "ProgressBar"),
+                          (config.trainer.enable_model_summary is False, "ModelSummary"),
+                          (runs.first_logger(config.trainer.logger) is None, "LearningRateMonitor")):  # fmt: skip
+            if off:
                 callbacks = config.trainer.callbacks or []
                 config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith(kind)]
         # a preset stacked twice (configs/tricks/ema.yaml on a config that has EMA already) means its callback once,
@@ -255,6 +274,7 @@ class CLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         check_model(self.model)
+        runs.adopt(self.trainer)
         if getattr(self, "checkpoint", None) is not None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             check_fits(Path(config.ckpt_path), self.checkpoint, self.model)
@@ -304,20 +324,14 @@ def check_fits(path: Path, checkpoint: dict, model) -> None:
         )
 
 
-def _is_tensorboard(logger) -> bool:
-    return bool(logger) and not isinstance(logger, list) and logger.class_path.endswith("TensorBoardLogger")
-
-
 def _resume_args(argv: list[str]) -> list[str]:
     """``resume RUN_DIR [overrides]`` -> ``fit --config RUN_DIR/config.yaml --ckpt_path RUN_DIR/.../last.ckpt``."""
     if not argv or argv[0].startswith("-"):
         raise ConfigError("usage: python -m project resume logs/<name>/version_<n> [--key value ...]")
     run = Path(argv[0])
     config, last = runs.files(run)
-    # the run's own directory, wherever it has been moved since its config was written
-    logger = "--trainer.logger.init_args"
-    here = [f"{logger}.save_dir={run.parent.parent}", f"{logger}.name={run.parent.name}"]
-    return ["fit", "--config", str(config), *here, "--ckpt_path", str(last), *argv[1:]]
+    # the checkpoint places the run where it is now, wherever it has been moved since its config was written
+    return ["fit", "--config", str(config), "--ckpt_path", str(last), *argv[1:]]
 
 
 def main(argv: list[str]) -> None:

@@ -1,19 +1,29 @@
-"""Run directories: what a run is on disk, and how a command finds one.
+"""Run directories: what a run is on disk, and how a command finds one, whatever the logger.
 
-A run directory (``logs/<name>/<version>/`` by default) holds the resolved ``config.yaml``, ``checkpoints/``
-(``last.ckpt`` and the best checkpoint) and what its logger writes. Commands that evaluate or export a run write a
-directory of their own inside it, ``<command>_<k>/``, and change nothing else.
+A run directory holds the resolved ``config.yaml``, ``run.json`` (what the run ran on), ``metrics.csv`` (what it
+measured, epoch by epoch), ``checkpoints/`` (``last.ckpt`` and the best checkpoint) and what its logger writes there.
+Commands that evaluate or export a run write a directory of their own inside it, ``<command>_<k>/``, and change nothing
+else. Where runs go depends on the first logger:
+
+- a logger that lays its runs out as ``save_dir/name/version`` with its own ``log_dir`` there (TensorBoard, CSV, and
+  any logger of the same form): ``<save_dir>/<name>/version_<n>/``, the version claimed here;
+- any other logger (MLflow, W&B: they keep their records in stores of their own) or none:
+  ``<trainer.default_root_dir, or logs>/version_<n>/``, which becomes the run's ``default_root_dir``, the directory
+  Lightning gives a run without a logger of that form.
 """
 
-import contextlib
 import fcntl
+import importlib
+import inspect
 import os
+import shutil
 from pathlib import Path
 
 from project.errors import ConfigError, ProjectError
 
-CLAIMED: list[Path] = []  # the evaluation directories this process created inside a run
+CLAIMED: list[Path] = []  # the run and evaluation directories this process created
 HELD: list[int] = []  # locks on the checkpoint directories of the runs this process trains further
+RUNS = Path("logs")  # where runs go whose logger has no directory layout of its own (or without a logger)
 
 
 def claim(directory: Path, prefix: str) -> str:
@@ -30,12 +40,97 @@ def claim(directory: Path, prefix: str) -> str:
             n += 1
 
 
+def first_logger(logger) -> object | None:
+    """The config of the first logger (the one Lightning takes its directories from), or None for no logger."""
+    if isinstance(logger, list):
+        return logger[0] if logger else None
+    return logger if logger not in (None, False, True) else None
+
+
+def versioned(logger) -> bool:
+    """Whether a logger's class (from its config) lays runs out as ``save_dir/name/version`` and has a ``log_dir``
+    there, as Lightning's TensorBoardLogger and CSVLogger do."""
+    if logger is None or not getattr(logger, "class_path", None):
+        return False
+    module, _, name = logger.class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return {"save_dir", "name", "version"} <= inspect.signature(cls).parameters.keys() and isinstance(
+        inspect.getattr_static(cls, "log_dir", None), property
+    )
+
+
+def root_of(logger, default_root_dir: str | None) -> Path:
+    """The directory this logger config's runs are claimed in."""
+    if versioned(logger):
+        return Path(logger.init_args.save_dir) / str(logger.init_args.name)
+    return Path(default_root_dir) if default_root_dir else RUNS
+
+
+def place(config, run: Path, sub: str | None = None) -> None:
+    """Points a parsed config (a command's) at the run directory ``run`` (or its sub-directory ``sub``), for whichever
+    logger it has: the logger's save_dir, name and version, or the trainer's default_root_dir (see :func:`adopt`)."""
+    logger = first_logger(config.trainer.logger)
+    if versioned(logger):
+        logger.init_args.save_dir, logger.init_args.name = str(run.parent.parent), run.parent.name
+        logger.init_args.version = f"{run.name}/{sub}" if sub else run.name
+        if "sub_dir" in logger.init_args:  # the version holds it
+            logger.init_args.sub_dir = None
+    else:
+        config.trainer.default_root_dir = str(run / sub if sub else run)
+
+
+def adopt(trainer) -> None:
+    """A run whose logger keeps no directory of the ``save_dir/name/version`` form (MLflow, W&B) keeps its checkpoints
+    in its own directory, ``<default_root_dir>/checkpoints/``, as a run without a logger does: Lightning would put
+    them under the logger's save_dir, by the logger's run id, which a resumed run does not have again."""
+    callback = trainer.checkpoint_callback
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if callback is not None and callback.dirpath is None and logger is not None and not hasattr(logger, "root_dir"):
+        callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+
+
+def run_of(path: Path, checkpoint: dict) -> Path | None:
+    """The run directory a checkpoint file belongs to: the one it is inside (``<run>/checkpoints/``, wherever the run
+    has been moved), or the one it was written by, if that still exists."""
+    if path.parent.name == "checkpoints" and (path.parents[1] / "config.yaml").is_file():
+        return path.parents[1]
+    written = checkpoint.get("run_dir")
+    return Path(written) if written and (Path(written) / "config.yaml").is_file() else None
+
+
+def directory(trainer) -> Path:
+    """This run's directory, or the evaluation's inside a run: the first logger's ``log_dir`` where it is one of the
+    ``save_dir/name/version`` form, otherwise the trainer's ``default_root_dir`` (see :func:`place`)."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    log_dir = getattr(logger, "log_dir", None)
+    return Path(log_dir if log_dir and getattr(logger, "root_dir", None) else trainer.default_root_dir)
+
+
+def checkpoints_of(run: Path) -> Path:
+    """The directory of a run's checkpoints: ``<run>/checkpoints/``, or the ``checkpoint.dirpath`` its ``run.json``
+    names (where it is not a ``checkpoints/`` directory inside the run)."""
+    import json
+
+    try:
+        named = json.loads((run / "run.json").read_text()).get("checkpoints")
+    except (OSError, ValueError):
+        named = None
+    here = run / "checkpoints"
+    return Path(named) if named and not here.is_dir() and Path(named).is_dir() else here
+
+
 def newest_first(root: Path) -> list[Path]:
     """The run directories under ``root``, the one whose ``last.ckpt`` was written last (the run trained most recently)
     first, whatever their names: a version named ``final`` is as much a run as ``version_7``."""
-    lasts = [p for p in root.glob("*/checkpoints/last.ckpt") if p.is_file()] if root.is_dir() else []
-    lasts.sort(key=lambda p: (p.stat().st_mtime_ns, p.parent.parent.name), reverse=True)
-    return [p.parent.parent for p in lasts]
+    found = []
+    for config in root.glob("*/config.yaml") if root.is_dir() else ():
+        last = checkpoints_of(config.parent) / "last.ckpt"
+        if last.is_file():
+            found.append((last.stat().st_mtime_ns, config.parent.name, config.parent))
+    return [run for *_, run in sorted(found, reverse=True)]
 
 
 def checkpoint(run: Path, which: str) -> Path:
@@ -44,17 +139,19 @@ def checkpoint(run: Path, which: str) -> Path:
 
     if which not in ("last", "best"):
         return Path(which)
-    last = run / "checkpoints" / "last.ckpt"
+    directory = checkpoints_of(run)
+    last = directory / "last.ckpt"
     if not last.is_file():
-        raise ConfigError(f"{run} has no checkpoints/last.ckpt: give a run directory under logs/ that has trained.")
+        raise ConfigError(f"{run} has no {last.relative_to(run) if last.is_relative_to(run) else last}: give a run "
+                          "directory that has trained, or a .ckpt file.")  # fmt: skip
     if which == "last":
         return last
     callbacks = read_checkpoint(last).get("callbacks", {})
     best = next((Path(s["best_model_path"]) for s in callbacks.values() if s.get("best_model_path")), None)
     # by name, inside this run: the run directory may have moved since it was written
-    if best is None or not (last.parent / best.name).is_file():
-        raise ConfigError(f"--ckpt_path best: {last.parent} holds no best checkpoint; use --ckpt_path last.")
-    return last.parent / best.name
+    if best is None or not (directory / best.name).is_file():
+        raise ConfigError(f"--ckpt_path best: {directory} holds no best checkpoint; use --ckpt_path last.")
+    return directory / best.name
 
 
 def resolve(which: str, root: Path | None) -> Path:
@@ -86,20 +183,20 @@ def hold(checkpoints: Path) -> None:
 
 
 def release(failed: bool) -> None:
-    """At the end of a command: its locks let go, and where it ``failed``, the evaluation directories it created and
-    wrote nothing into removed."""
+    """At the end of a command: its locks let go, and where it ``failed``, the directories it created that hold
+    nothing of what ran (no checkpoint, no predictions: a logger's first events at most) removed."""
     if failed:
-        for directory in CLAIMED:
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+        for claimed in CLAIMED:
+            if claimed.is_dir() and not any(claimed.rglob("*.ckpt")) and not any(claimed.rglob("*.csv")):
+                shutil.rmtree(claimed, ignore_errors=True)
     while HELD:
         os.close(HELD.pop())
     CLAIMED.clear()
 
 
 def files(run: Path) -> tuple[Path, Path]:
-    """A run's ``config.yaml`` and ``checkpoints/last.ckpt``, which ``resume`` needs."""
-    config, last = run / "config.yaml", run / "checkpoints" / "last.ckpt"
+    """A run's ``config.yaml`` and ``last.ckpt``, which ``resume`` needs."""
+    config, last = run / "config.yaml", checkpoints_of(run) / "last.ckpt"
     for needed in (config, last):
         if not needed.is_file():
             raise ConfigError(f"resume {run}: {needed} does not exist; give a run directory under logs/.")
