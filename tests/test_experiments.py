@@ -9,8 +9,11 @@ import time
 import urllib.request
 
 import pytest
+import yaml
 from conftest import ROOT, TINY, cli, fit_args, forked, free_port, invoke, tiny_experiment
 
+from project.commands.compare import finished
+from project.commands.experiments import resolve
 from project.commands.lr_plot import schedule
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -60,10 +63,12 @@ def test_compare_runs_variants_reports_failures_and_reuses_finished_runs(tmp_pat
     args = ["compare", str(experiment), f"--logs={logs}", "--", *TINY, "--trainer.max_epochs=2"]
     result = forked(args, tmp_path / "compare.log")
     assert result.returncode == 1  # a variant failed, and says so
-    assert "[1/3] tiny/broken: FAILED, exit 2" in result.stdout and "Nope" in result.stdout
+    # a variant whose config cannot work fails before it trains, with the reason
+    assert "[1/3] tiny/broken: FAILED, variant broken would not start: model.net" in result.stdout
+    assert "Nope" in result.stdout
     with open(logs / "tiny" / "comparison.csv") as f:
         rows = {row["run"]: row for row in csv.DictReader(f)}
-    assert rows["broken"]["status"].startswith("failed, exit 2")
+    assert rows["broken"]["status"].startswith("failed, variant broken would not start")
     for name, params in (("mlp", 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10), ("linear", 7850)):
         row = rows[name]
         assert row["status"] == "ok" and row["epochs"] == "2" and int(row["params"]) == params
@@ -74,6 +79,12 @@ def test_compare_runs_variants_reports_failures_and_reuses_finished_runs(tmp_pat
     again = forked(args, tmp_path / "again.log")
     assert "[2/3] tiny/linear: reusing" in again.stdout and "[3/3] tiny/mlp: reusing" in again.stdout
     assert sorted(p.name for p in (logs / "tiny" / "mlp").iterdir()) == ["version_0"]
+    # a finished run is what would train now only if its config is: other arguments after -- train anew
+    fit = [f"--config={experiment / 'base.yaml'}", f"--config={experiment / 'mlp.yaml'}", *TINY]
+    same = yaml.safe_load(resolve([*fit, "--trainer.max_epochs=2"], "mlp"))
+    other = yaml.safe_load(resolve([*fit, "--trainer.max_epochs=3"], "mlp"))
+    assert finished(logs / "tiny" / "mlp", same) == logs / "tiny" / "mlp" / "version_0"
+    assert finished(logs / "tiny" / "mlp", other) is None
 
 
 def _get(url: str, data: dict | None = None):

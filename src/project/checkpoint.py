@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from project import runs
 from project.errors import ConfigError, NonFiniteError, ProjectError
 from project.files import replacing
 from project.signals import Interrupted, StopSignals
@@ -171,6 +172,8 @@ class SafeModelCheckpoint(ModelCheckpoint):
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 self._stop_non_finite(trainer, f"weight {name} is not finite")
         checkpoint["rng_states"] = rng_states()
+        # the run it belongs to, for a checkpoint kept apart from it (checkpoint.dirpath elsewhere, or copied out)
+        checkpoint["run_dir"] = str(runs.directory(trainer).resolve())
         checkpoint["stopped_early"] = getattr(self, "_finished", False) and trainer.should_stop
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:

@@ -243,18 +243,23 @@ class CLI(LightningCLI):
                     "this config asks for a GPU (trainer.accelerator), but torch sees none on this machine. Run it on "
                     "a machine with a CUDA GPU, or add --config configs/trainer/cpu.yaml to run it on the CPU."
                 )
-        # the flags win over the configured bar and summary; and without a logger there is no learning rate to log
-        for off, kind in ((config.trainer.enable_progress_bar is False, "ProgressBar"),
-                          (config.trainer.enable_model_summary is False, "ModelSummary"),
-                          (runs.first_logger(config.trainer.logger) is None, "LearningRateMonitor")):  # fmt: skip
-            if off:
-                callbacks = config.trainer.callbacks or []
-                config.trainer.callbacks = [c for c in callbacks if not c.class_path.endswith(kind)]
-        # a preset stacked twice (configs/tricks/ema.yaml on a config that has EMA already) means its callback once,
-        # with the later config's arguments; Lightning refuses two of a kind that keep state in checkpoints
-        callbacks = config.trainer.callbacks or []
-        kinds = [c.class_path for c in callbacks]
-        config.trainer.callbacks = [c for i, c in enumerate(callbacks) if c.class_path not in kinds[i + 1 :]]
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer with the configured callbacks, less those its flags or its setup rule out: the flags win over
+        the configured bar and summary; without a logger there is no learning rate to log; and a preset stacked twice
+        (configs/tricks/ema.yaml on a config that has EMA already) means its callback once, with the later config's
+        arguments (Lightning refuses two of a kind that keep state in checkpoints). Chosen among the instantiated
+        callbacks, so that the saved config.yaml is the config as given."""
+        from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
+
+        config = self._get(self.config_init, "trainer", default={})
+        off = [kind for kind, flag in ((ProgressBar, "enable_progress_bar"), (ModelSummary, "enable_model_summary"))
+               if config.get(flag) is False]  # fmt: skip
+        if not config.get("logger"):
+            off.append(LearningRateMonitor)
+        given = [c for c in config.get("callbacks") or [] if not isinstance(c, tuple(off))]
+        kept = [c for i, c in enumerate(given) if type(c) not in {type(later) for later in given[i + 1 :]}]
+        return super().instantiate_trainer(**{"callbacks": kept, **kwargs})
 
     def instantiate_classes(self) -> None:
         try:

@@ -48,11 +48,12 @@ def first_logger(logger) -> object | None:
 
 
 def versioned(logger) -> bool:
-    """Whether a logger's class (from its config) lays runs out as ``save_dir/name/version`` and has a ``log_dir``
-    there, as Lightning's TensorBoardLogger and CSVLogger do."""
-    if logger is None or not getattr(logger, "class_path", None):
+    """Whether a logger's class (from its config, parsed or as YAML) lays runs out as ``save_dir/name/version`` and
+    has a ``log_dir`` there, as Lightning's TensorBoardLogger and CSVLogger do."""
+    class_path = logger.get("class_path") if isinstance(logger, dict) else getattr(logger, "class_path", None)
+    if not class_path:
         return False
-    module, _, name = logger.class_path.rpartition(".")
+    module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):

@@ -21,16 +21,20 @@ standard deviation.
 """
 
 import argparse
+import copy
 import csv
+import json
 import math
+import signal
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+import yaml
 
-from project.commands.experiments import variants
+from project import runs
+from project.commands.experiments import resolve, variants
 from project.errors import ConfigError
 from project.runs import newest_first
 
@@ -38,35 +42,81 @@ COLUMNS = ["run", "status", "best val acc", "best epoch", "test acc", "train-val
 CURVES = {"train loss": "train/loss_epoch", "val loss": "val/loss", "train acc": "train/acc", "val acc": "val/acc"}
 
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
-    """``{tag: [(wall_time, value), ...]}`` of every scalar in a run's event files."""
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
-    return {tag: [(e.wall_time, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+def metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's ``metrics.csv`` (:mod:`project.record`), the values as floats: what every run records,
+    whatever its logger."""
+    try:
+        with open(run_dir / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return []
+    return [{k: (v if k == "stage" else float(v)) for k, v in row.items() if v not in ("", None)} for row in rows]
 
 
-def finished(root: Path) -> Path | None:
-    """The newest run under ``root`` that got as far as its test."""
-    return next((run for run in newest_first(root) if "test/acc" in scalars(run)), None)
+def finished(root: Path, config: dict | None = None) -> Path | None:
+    """The newest run under ``root`` that got as far as its test, and (given ``config``, the resolved config of what
+    would be trained now) trained that very config."""
+    for run in newest_first(root):
+        if any(row["stage"] == "test" for row in metrics(run)):
+            return run if config is None or same_config(run, config) else None
+    return None
+
+
+def same_config(run: Path, config: dict) -> bool:
+    """Whether a run's saved config is ``config``, but for where the run was placed (its logger's directory, version
+    and the trainer's default_root_dir, which the run's own location sets)."""
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return _unplaced(saved) == _unplaced(config)
+
+
+def _unplaced(config: dict) -> dict:
+    config = copy.deepcopy(config)
+    trainer = config.get("trainer") or {}
+    trainer.pop("default_root_dir", None)
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, dict):
+            for key in ("save_dir", "name", "version", "sub_dir"):
+                (logger.get("init_args") or {}).pop(key, None)
+    config.pop("ckpt_path", None)
+    return config
 
 
 def summarize(name: str, run_dir: Path) -> dict:
-    s = scalars(run_dir)
-    val = [v for _, v in s["val/acc"]]
+    rows = metrics(run_dir)
+    fit = [r for r in rows if r["stage"] == "fit" and "val/acc" in r]
+    test = [r for r in rows if r["stage"] == "test"][-1]
+    val = [r["val/acc"] for r in fit]
     best = max(range(len(val)), key=val.__getitem__)
-    times = [t for points in s.values() for t, _ in points]
     return {
         "run": name,
         "status": "ok",
         "best val acc": round(val[best], 4),
-        "best epoch": best,
-        "test acc": round(s["test/acc"][-1][1], 4),
-        "train-val gap": round(s["train/acc"][-1][1] - val[-1], 4),
-        "epochs": len(val),
-        "wall s": round(max(times) - min(times), 1),
-        "params": int(s["model/params"][-1][1]),
-        "curves": {label: [v for _, v in s[tag]] for label, tag in CURVES.items()},
-        "val acc at": [(t - min(times), v) for t, v in s["val/acc"]],  # (seconds since the run began, val acc)
+        "best epoch": int(fit[best]["epoch"]),
+        "test acc": round(test["test/acc"], 4),
+        "train-val gap": round(fit[-1].get("train/acc", math.nan) - val[-1], 4),
+        "epochs": len(fit),
+        "wall s": round(test["seconds"], 1),
+        "params": parameters(run_dir),
+        "curves": {label: [r.get(tag, math.nan) for r in fit] for label, tag in CURVES.items()},
+        "val acc at": [(r["seconds"], r["val/acc"]) for r in fit],  # (seconds since the run began, val acc)
+        "environment": environment(run_dir),
     }
+
+
+def environment(run_dir: Path) -> dict:
+    """What the run's latest session ran on (``run.json``)."""
+    try:
+        return json.loads((run_dir / "run.json").read_text())["sessions"][-1]
+    except (OSError, ValueError, KeyError, IndexError):
+        return {}
+
+
+def parameters(run_dir: Path) -> int | None:
+    return environment(run_dir).get("parameters")
 
 
 def to_target(row: dict, target: float) -> tuple[float, float]:
@@ -112,14 +162,30 @@ def welch(a: list[float], b: list[float]) -> float:
     return t_tail((statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb), df)
 
 
-def train(name: str, config_args: list[str], save_dir: Path, extra: list[str]) -> str | None:
-    """Runs one variant's fit, its progress bar on this terminal; returns the last error line if it failed."""
+def placement(config: dict, directory: Path, name: str) -> list[str]:
+    """The arguments that put a variant's run in ``directory/name/``: its logger's save_dir and name, where its logger
+    keeps runs as ``save_dir/name/version``, otherwise the trainer's default_root_dir (see :mod:`project.runs`)."""
+    logger = runs.first_logger(config.get("trainer", {}).get("logger"))
+    if runs.versioned(logger):
+        return [f"--trainer.logger.init_args.save_dir={directory}", f"--trainer.logger.init_args.name={name}"]
+    return [f"--trainer.default_root_dir={directory / name}"]
+
+
+def train(name: str, args: list[str], save_dir: Path) -> str | None:
+    """Runs one variant's fit, its progress bar on this terminal; returns the last error line if it failed. Ctrl+C
+    reaches the fit too (it is in this terminal's process group), which stops where it can be kept: this waits for
+    it, so that the next compare resumes nothing half-written."""
     log = save_dir / f"{name}.stderr.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "project", "fit", *config_args, f"--trainer.logger.init_args.save_dir={save_dir}",
-            f"--trainer.logger.init_args.name={name}", *extra]  # fmt: skip
     with open(log, "w") as err:
-        code = subprocess.run(args, stderr=err).returncode
+        child = subprocess.Popen([sys.executable, "-m", "project", "fit", *args], stderr=err)
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)  # in case the signal came to this process alone
+            child.wait()
+            raise
     if code == 0:
         return None
     lines = [line for line in log.read_text().splitlines() if line.strip()]
@@ -151,8 +217,8 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     fig.savefig(out, dpi=90)
 
 
-SEED_COLUMNS = ["run", "seeds ok", "test acc", "test acc 95% CI", "p vs best (Welch)", "best val acc", "train-val gap",
-                "epochs to target", "s to target", "wall s", "params"]  # fmt: skip
+SEED_COLUMNS = ["run", "status", "seeds ok", "test acc", "test acc 95% CI", "p vs best (Welch)", "best val acc",
+                "train-val gap", "epochs to target", "s to target", "wall s", "params"]  # fmt: skip
 
 
 def aggregate(variant: str, runs: list[dict], target: float) -> dict:
@@ -205,23 +271,29 @@ def main(argv: list[str]) -> None:
     else:
         if missing := [str(c) for c in args.configs if not c.is_file()]:
             raise ConfigError(f"no such config file or experiment directory: {', '.join(missing)}.")
-        variants_, name = {c.stem: [f"--config={c}"] for c in args.configs}, args.name or "compare"
+        variants_ = {label: [f"--config={c}"] for label, c in labels(args.configs).items()}
+        name = args.name or "compare"
     directory = args.logs / name
     seeds = [None] if args.seeds == 1 else list(range(args.seeds))
-    runs = [(v, s) for v in variants_ for s in seeds]
+    todo = [(v, s) for v in variants_ for s in seeds]
     results: dict[str, list[dict]] = {v: [] for v in variants_}
     failures: dict[str, str] = {}
-    for i, (variant, seed) in enumerate(runs, 1):
+    for i, (variant, seed) in enumerate(todo, 1):
         run = variant if seed is None else f"{variant}/seed_{seed}"
-        done = None if args.rerun else finished(directory / run)
-        print(f"[{i}/{len(runs)}] {name}/{run}: {'reusing ' + str(done) if done else 'training'}", flush=True)
-        seeded = [] if seed is None else [f"--seed_everything={seed}"]
-        error = None if done else train(run, [*variants_[variant], *seeded], directory, extra)
-        if error is None and (done := finished(directory / run)) is None:
-            error = "the run ended before its test"
+        fit = [*variants_[variant], *([] if seed is None else [f"--seed_everything={seed}"]), *extra]
+        try:  # what would train now: a finished run is reused only if it trained exactly this
+            config = yaml.safe_load(resolve(fit, f"variant {run}"))
+        except ConfigError as err:
+            config, error = None, str(err)
+        else:
+            done = None if args.rerun else finished(directory / run, config)
+            print(f"[{i}/{len(todo)}] {name}/{run}: {'reusing ' + str(done) if done else 'training'}", flush=True)
+            error = None if done else train(run, [*fit, *placement(config, directory, run)], directory)
+            if error is None and (done := finished(directory / run)) is None:
+                error = "the run ended before its test"
         if error:
             failures.setdefault(variant, error)
-            print(f"[{i}/{len(runs)}] {name}/{run}: FAILED, {error}", flush=True)
+            print(f"[{i}/{len(todo)}] {name}/{run}: FAILED, {error}", flush=True)
         else:
             results[variant].append(summarize(variant, done))
     if seeds == [None]:
@@ -235,9 +307,55 @@ def main(argv: list[str]) -> None:
     ok = [row for row in rows if row["status"] == "ok"]
     if ok:
         plot(ok, directory / "curves.png", name + ("" if seeds == [None] else f", mean +- sd of {len(seeds)} seeds"))
+    if differences := differing([r for v in results for r in results[v]]):
+        table += "\nThe runs differ in what they ran on (run.json):\n\n" + differences
+        (directory / "comparison.md").write_text(table)
     print(f"\n{table}\nWrote {directory / 'comparison.md'}, comparison.csv" + (", curves.png" if ok else ""))
     if failures:
         sys.exit(1)
+
+
+def labels(configs: list[Path]) -> dict[str, Path]:
+    """A variant's name for each config file: its stem, or where two share one (``a/default.yaml``,
+    ``b/default.yaml``), its path without the suffix, so that no variant replaces another."""
+    stems = [c.stem for c in configs]
+    named = {}
+    for config in configs:
+        label = config.stem if stems.count(config.stem) == 1 else str(config.with_suffix("")).strip("./")
+        named[label.replace("/", "-")] = config
+    if len(named) < len(configs):
+        raise ConfigError(f"compare: {', '.join(map(str, configs))} name the same config more than once.")
+    return named
+
+
+ENVIRONMENT = {
+    "code": lambda e: {
+        p: f"{c['commit'][:10]}{' +changes' if c['dirty'] else ''}" for p, c in e.get("code", {}).items()
+    },
+    "torch": lambda e: e.get("torch", {}).get("version"),
+    "CUDA / cuDNN": lambda e: f"{e.get('torch', {}).get('cuda')} / {e.get('torch', {}).get('cudnn')}",
+    "devices": lambda e: e.get("torch", {}).get("devices"),
+    "machine": lambda e: f"{e.get('machine', {}).get('host')} ({e.get('machine', {}).get('system')})",
+    "data": lambda e: e.get("data"),
+}
+
+
+def differing(rows: list[dict]) -> str:
+    """A table of what the runs' ``run.json`` says they ran on, for what differs between them (the packages by name),
+    or an empty string."""
+    environments = {(row["run"], i): row.get("environment") or {} for i, row in enumerate(rows)}
+    lines = []
+    for label, read in ENVIRONMENT.items():
+        values = {key: json.dumps(read(e), sort_keys=True) for key, e in environments.items()}
+        if len(set(values.values())) > 1:
+            lines += [f"| {label} | {run} | {value} |" for (run, _), value in values.items()]
+    packages = [e.get("packages", {}) for e in environments.values()]
+    changed = sorted(n for n in set().union(*packages) if len({p.get(n) for p in packages}) > 1) if packages else []
+    for name in changed:
+        lines += [
+            f"| package {name} | {run} | {e.get('packages', {}).get(name)} |" for (run, _), e in environments.items()
+        ]
+    return "| what | run | value |\n|---|---|---|\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def table_of_seeds(

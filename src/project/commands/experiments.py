@@ -1,5 +1,7 @@
 """Experiment directories: ``configs/experiments/<name>/`` holds a ``base.yaml`` and one YAML per variant."""
 
+import contextlib
+import io
 from pathlib import Path
 
 from project.errors import ConfigError
@@ -15,3 +17,20 @@ def variants(directory: Path) -> dict[str, list[str]]:
     if not files:
         raise ConfigError(f"{directory} holds no variant configs (*.yaml besides base.yaml).")
     return {p.stem: [*stack, f"--config={p}"] for p in files}
+
+
+def resolve(args: list[str], what: str) -> str:
+    """The whole config that ``fit ARGS`` would run (``--print_config``), parsed in this process; ConfigError with
+    the parser's message if it does not parse (``what`` would not start)."""
+    from project.cli import CLI
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            CLI(args=["fit", *args, "--print_config"])
+        except SystemExit as exit:
+            if exit.code:
+                text = err.getvalue()
+                why = " ".join(text[text.rfind("error:") + 6 :].split()) if "error:" in text else text.strip()
+                raise ConfigError(f"{what} would not start: {why} (fit {' '.join(args)})") from None
+    return out.getvalue()

@@ -27,11 +27,9 @@ The space is YAML, one entry per config key (or ``configs`` to choose between wh
 """
 
 import argparse
-import contextlib
 import csv
 import ctypes
 import functools
-import io
 import json
 import os
 import random
@@ -47,6 +45,7 @@ import optuna
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from project.commands.experiments import resolve
 from project.configs import DEFAULT_CONFIG
 from project.errors import ConfigError, ProjectError
 
@@ -166,30 +165,13 @@ def config_args(params: dict, space: dict[str, dict], space_file: Path) -> list[
     return files + [f"--{k}={json.dumps(v)}" for k, v in params.items() if "configs" not in space[k]]
 
 
-def resolve(args: list[str]) -> str:
-    """The whole config that ``fit ARGS`` would run (``--print_config``), parsed in this process; ConfigError with
-    the parser's message if it does not parse."""
-    from project.cli import CLI
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            CLI(args=["fit", *args, "--print_config"])
-        except SystemExit as exit:
-            if exit.code:
-                text = err.getvalue()
-                why = " ".join(text[text.rfind("error:") + 6 :].split()) if "error:" in text else text.strip()
-                raise ConfigError(f"a trial would not start: {why} (fit {' '.join(args)})") from None
-    return out.getvalue()
-
-
 def check_space(space: dict[str, dict], space_file: Path, base: list[str]) -> None:
     """Every value of every dimension parses as a config (the other dimensions at their first value): a misspelt key
     or a value of the wrong type stops the search before its first trial, not after trials that all fail."""
     first = {k: s.get("configs", s.get("choices", [s.get("low")]))[0] for k, s in space.items()}
     for key, spec in space.items():
         for value in spec.get("configs", spec.get("choices", [spec.get("low"), spec.get("high")])):
-            resolve([*base, *config_args({**first, key: value}, space, space_file)])
+            resolve([*base, *config_args({**first, key: value}, space, space_file)], "a trial")
 
 
 def _die_with_parent() -> None:
@@ -238,8 +220,8 @@ def write_reports(study: optuna.Study, space: dict, space_file: Path, base: list
         print(f"No parameter importances yet: {err}")
 
     best = study.best_trial
-    resolved = resolve([*base, *config_args(best.params, space, space_file),
-                        f"--trainer.logger.init_args.name=search_{study.study_name}_best"])  # fmt: skip
+    name = f"--trainer.logger.init_args.name=search_{study.study_name}_best"
+    resolved = resolve([*base, *config_args(best.params, space, space_file), name], "the best trial")
     (directory / "best.yaml").write_text(
         f"# best of study {study.study_name}: trial {best.number}, {monitor}={best.value:.4f}\n{resolved}"
     )

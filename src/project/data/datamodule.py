@@ -207,6 +207,10 @@ class ImageDataModule(LightningDataModule):
         n_val, n_test = self._carve(n, "val" in self.source.splits, "test" in self.source.splits)
         return (n - n_val - n_test) // self.hparams.batch_size
 
+    def fingerprint(self) -> dict:
+        """What identifies the data this module serves (``run.json`` records it)."""
+        return self.source.fingerprint(Path(self.hparams.data_dir))
+
     def _predicting_files(self) -> bool:
         return (
             self.hparams.predict_files is not None and self.trainer is not None and self.trainer.state.fn == "predict"

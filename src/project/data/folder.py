@@ -131,7 +131,7 @@ class Decoded(Dataset):
             return None, -1
 
 
-def _listing_key(layout: Layout, size: tuple[int, int], channels: int) -> str:
+def listing_key(layout: Layout, size: tuple[int, int], channels: int) -> str:
     digest = hashlib.sha256(f"{caches.VERSION} {size} {channels}".encode())
     for files, _ in layout.splits.values():
         for f in files:
@@ -163,7 +163,7 @@ def cache(
     layout = scan(root)
     files = [f for fs, _ in layout.splits.values() for f in fs]
     in_memory = len(files) * channels * size[0] * size[1] <= in_memory_max_mb * 2**20
-    key = _listing_key(layout, size, channels)
+    key = listing_key(layout, size, channels)
     # one cache file per folder, size, channels and kind: a changed folder's replaces its earlier one
     which = hashlib.sha256(f"{layout.root.resolve()} {size} {channels} {in_memory}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / "folders" / f"{layout.root.resolve().name}-{which}.pt"

@@ -96,6 +96,10 @@ class Source(ABC):
     @abstractmethod
     def load(self, split: str, data_dir: Path, workers: int) -> Images: ...
 
+    def fingerprint(self, data_dir: Path) -> dict:
+        """What identifies the source's images (checksums, a listing), for a run's record; empty where it has none."""
+        return {}
+
 
 class Builtin(Source):
     """MNIST, Fashion-MNIST or CIFAR-10, as the registry knows them (files checked against their checksums, a local
@@ -123,6 +127,9 @@ class Builtin(Source):
 
     def load(self, split: str, data_dir: Path, workers: int) -> Images:
         return Images(Tensors(*registry.load(self.name, data_dir, train=split == "train")))
+
+    def fingerprint(self, data_dir: Path) -> dict:
+        return {"dataset": self.name, "md5": dict(self.info.md5)}  # the files are checked against these before use
 
 
 class ImageFolder(Source):
@@ -167,6 +174,10 @@ class ImageFolder(Source):
 
     def prepare(self, data_dir: Path, workers: int) -> None:
         folders.cache(*self._args(data_dir, workers))
+
+    def fingerprint(self, data_dir: Path) -> dict:
+        # the names, sizes and times of its files, which key its cache
+        return {"folder": str(self.root), "listing": folders.listing_key(self._layout, self.size_hw, self.channels)}
 
     def load(self, split: str, data_dir: Path, workers: int) -> Images:
         if self._loaded is None:
@@ -268,24 +279,29 @@ class MapDataset(Source):
     def size(self) -> int:
         return len(self.dataset("train"))
 
-    def _cache(self, split: str, data_dir: Path, workers: int) -> dict:
+    def _key(self, split: str) -> tuple[str, str]:
+        """The cache's file name and key for a split: the dataset's class and arguments, the size and channels, and a
+        sample of the items themselves (the same arguments over changed files are another dataset)."""
         dataset = self.dataset(split)
         if not len(dataset):
             raise DataError(f"data.source.{split} {_describe(self.factories[split])} holds no items.")
         items = _Conformed(dataset, self.size_hw, self.channels)
         n = len(items)
         described = f"{caches.VERSION} {_describe(self.factories[split])} {self.size_hw} {self.channels}"
-        # a sample of the items themselves: the same arguments over changed files are another dataset
         sample = hashlib.sha256(f"{described} {n}".encode())
         for i in sorted({0, n // 2, n - 1}):
             image, label = items[i]
             sample.update(b"" if image is None else image.numpy().tobytes())
             sample.update(str(label).encode())
         which = hashlib.sha256(described.encode()).hexdigest()[:16]
-        path = Path(data_dir) / "datasets" / f"{type(dataset).__name__}-{split}-{which}.pt"
-        key = sample.hexdigest()
+        return f"{type(dataset).__name__}-{split}-{which}.pt", sample.hexdigest()
+
+    def _cache(self, split: str, data_dir: Path, workers: int) -> dict:
+        name, key = self._key(split)
+        path = Path(data_dir) / "datasets" / name
         cached = caches.read(path, key)
         if cached is None:
+            items = _Conformed(self.dataset(split), self.size_hw, self.channels)
             images, labels, sums, ok = caches.decode_all(items, self.shape, workers, keep=True)
             cached = caches.write(path, {"key": key, "images": images, "labels": labels, "sums": sums, "ok": ok})
         return cached
@@ -293,6 +309,10 @@ class MapDataset(Source):
     def prepare(self, data_dir: Path, workers: int) -> None:
         for split in self.factories:
             self._cache(split, data_dir, workers)
+
+    def fingerprint(self, data_dir: Path) -> dict:
+        # each split's dataset and arguments, and the digest of a sample of its images, which key its cache
+        return {split: {"dataset": _describe(f), "sample": self._key(split)[1]} for split, f in self.factories.items()}
 
     def load(self, split: str, data_dir: Path, workers: int) -> Images:
         cached = self._cache(split, data_dir, workers)
