@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer, callbacks
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary
@@ -14,6 +14,16 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from project import runs
 from project.errors import ConfigError
+
+
+class EarlyStopping(callbacks.EarlyStopping):
+    """Lightning's EarlyStopping, whose ``patience`` is the configured one in a resumed run too: Lightning 2.6
+    restores the checkpoint's, so that ``resume RUN --early_stopping.patience N`` would change nothing."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
 
 
 class CSVPredictionWriter(BasePredictionWriter):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from project import runs
@@ -174,7 +175,10 @@ class SafeModelCheckpoint(ModelCheckpoint):
         checkpoint["rng_states"] = rng_states()
         # the run it belongs to, for a checkpoint kept apart from it (checkpoint.dirpath elsewhere, or copied out)
         checkpoint["run_dir"] = str(runs.directory(trainer).resolve())
-        checkpoint["stopped_early"] = getattr(self, "_finished", False) and trainer.should_stop
+        # early stopping's decision, not a stop of max_time or max_steps, which a resume with more of them continues
+        early = trainer.early_stopping_callback
+        stopped = early is not None and early.stopping_reason is not EarlyStoppingReason.NOT_STOPPED
+        checkpoint["stopped_early"] = getattr(self, "_finished", False) and stopped
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         # restored where training starts: only training steps (dropout, augmentation) draw from these RNGs (the data
@@ -183,7 +187,11 @@ class SafeModelCheckpoint(ModelCheckpoint):
         # a run that early stopping ended is not trained further by resume: fit ends at once and its best checkpoint
         # is tested (a run that reached max_epochs ends so by itself, and a larger max_epochs extends it)
         if trainer.state.fn == "fit":
-            trainer.should_stop = bool(checkpoint.get("stopped_early"))
+            stopped, early = bool(checkpoint.get("stopped_early")), trainer.early_stopping_callback
+            if stopped and early is not None:  # a resume given a larger early_stopping.patience trains on
+                state = checkpoint.get("callbacks", {}).get(early.state_key, {})
+                stopped = state.get("wait_count", 0) >= early.patience
+            trainer.should_stop = stopped
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if getattr(self, "_rng_states", None):
@@ -195,6 +203,9 @@ class SafeModelCheckpoint(ModelCheckpoint):
         # `resume` still continues it
         if not trainer.ckpt_path and not trainer.fast_dev_run and self.dirpath:
             self._write_last(trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validated = False
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
         last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
@@ -217,6 +228,7 @@ class SafeModelCheckpoint(ModelCheckpoint):
         if score is not None and not trainer.sanity_checking and not torch.isfinite(score):
             self._stop_non_finite(trainer, f"{self.monitor} is {score.item()}")
         super().on_validation_end(trainer, pl_module)
+        self._validated = getattr(self, "_validated", False) or not trainer.sanity_checking
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_even_without_a_new_best(trainer)
         # a stop waits for the checkpoint that ends the epoch, written here or at the end of the training epoch
@@ -226,12 +238,16 @@ class SafeModelCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        # every epoch ends with a checkpoint, also one that no validation follows (check_val_every_n_epoch above 1, a
+        # val_check_interval in steps), which Lightning 2.6 would leave to the next validation
+        if self._should_save_on_train_epoch_end(trainer) or not getattr(self, "_validated", False):
             self._save_last_even_without_a_new_best(trainer)
         if self._asked_to_stop(trainer):
             self._stop(trainer, save=True)
 
     def _write_last(self, trainer: Trainer) -> None:
+        if not self.save_last:  # checkpoint.save_last false: the run keeps its best checkpoints only
+            return
         # named before the write, as Lightning does: the path is part of the state saved, and a resumed run that did
         # not know it would write last-v1.ckpt beside it
         self.last_model_path = self._last_path
@@ -302,7 +318,7 @@ class SafeModelCheckpoint(ModelCheckpoint):
     def _stop(self, trainer: Trainer, save: bool) -> None:
         signum = StopSignals.signum or signal.SIGTERM
         name = signal.Signals(signum).name
-        run = Path(self.dirpath).parent if self.dirpath else None
+        run = runs.directory(trainer)
         if trainer.state.fn != "fit" and getattr(self, "_finished", False):  # the test of the best checkpoint after fit
             raise Interrupted(signum, f"Stopped by {name} while testing the best checkpoint; the training itself is "
                               f"complete and saved. Test it with: python -m project resume {run}")  # fmt: skip
@@ -315,6 +331,10 @@ class SafeModelCheckpoint(ModelCheckpoint):
             raise Interrupted(signum, "")
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         saved = f"saved {self._last_path}" if self.dirpath and not trainer.fast_dev_run else "nothing to save"
-        resume = f" Resume with: python -m project resume {run}" if run else ""
+        resume = f" Resume with: python -m project resume {run}"
+        if not self.save_last:
+            newest = self.best_model_path or "none yet"
+            saved = f"saved nothing (checkpoint.save_last false); the newest checkpoint is {newest}"
+            resume = f" resume continues from it: python -m project resume {run}" if self.best_model_path else ""
         print(file=sys.stderr)  # after the progress bar's line
         raise Interrupted(signum, f"Stopped by {name} at {where}; {saved}.{resume}")

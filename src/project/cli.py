@@ -12,11 +12,10 @@ from pathlib import Path
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from project import record, runs
-from project.callbacks import CSVPredictionWriter, TensorBoardReport
+from project.callbacks import CSVPredictionWriter, EarlyStopping, TensorBoardReport
 from project.checkpoint import SafeModelCheckpoint, read_checkpoint
 from project.configs import DEFAULT_CONFIG, check_config_files, check_unquoted_pattern
 from project.data import ImageData
@@ -29,6 +28,8 @@ from project.record import MetricsRecord
 from project.signals import StopSignals
 
 COMMANDS = ("fit", "validate", "test", "predict")
+# the model's arguments whose state a checkpoint holds: a run that goes on from it cannot change them
+STATEFUL = {"class_path", "net", "optimizer", "scheduler", "scheduler_interval"}
 
 # argparse would take --trainer.max_epoch (a typo) as --trainer.max_epochs; and a one-line usage instead of
 # the 100-line one argparse prints above every error
@@ -223,14 +224,33 @@ class CLI(LightningCLI):
             runs.place(config, run, sub)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI 2.6.0 takes the model's arguments from the checkpoint over the command's (its PR 21116; PR 21455,
-        # open, would make them defaults instead); test-time augmentation is the evaluating command's choice, so its
-        # value is the command's. _parse_ckpt_path is LightningCLI's private step that does it.
+        """LightningCLI 2.6.0 takes the model's arguments from the checkpoint over the command's (its PR 21116; PR
+        21455, open, would make them defaults instead), silently: here a fit that continues a run (``resume``) keeps
+        what its command line changes, except what the checkpoint's state fixes (the net, the optimizer and the
+        scheduler, whose state comes back with it), which it refuses; an evaluation takes the checkpoint's model,
+        but test-time augmentation, the evaluating command's choice. ``_parse_ckpt_path`` is LightningCLI's private
+        step that applies the checkpoint's arguments."""
         command = self.config.get("subcommand")
-        tta = self.config[command].model.init_args.get("tta") if command else None
+        if not command or not self.config[command].get("ckpt_path"):
+            return super()._parse_ckpt_path()
+        given = self.config[command].model.clone()
         super()._parse_ckpt_path()
-        if tta is not None:
-            self.config[command].model.init_args.tta = tta
+        model = self.config[command].model
+        changed = [k for k, v in vars(given.init_args).items() if v != model.init_args.get(k)]  # the top-level keys
+        if given.class_path != model.class_path:
+            changed.insert(0, "class_path")
+        if command != "fit":
+            if "tta" in changed:
+                model.init_args.tta = given.init_args.tta
+            return
+        if refused := [k for k in changed if k in STATEFUL]:
+            raise ConfigError(
+                f"model.{', model.'.join(refused)} cannot change when a run goes on from its checkpoint "
+                f"{self.config[command].ckpt_path}: the checkpoint holds the state of the ones it was trained with "
+                "(weights, optimizer, schedule). Train a new run with them instead (fit without --ckpt_path)."
+            )
+        for key in changed:  # honoured, and recorded in the run's config.yaml once it trains
+            model.init_args[key] = given.init_args[key]
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -353,5 +373,13 @@ def main(argv: list[str]) -> None:
         with StopSignals():
             CLI(args=argv)
         failed = False
+    except RuntimeError as err:  # torch's for weights that do not fit the model built from the config
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ConfigError(
+            f"the checkpoint's weights do not fit the model as this command builds it ({first}): give the model its "
+            "run was trained with (--config <run>/config.yaml), or train a new run with this one."
+        ) from None
     finally:  # an evaluation that stopped before it wrote anything leaves no directory in the run
         runs.release(failed)

@@ -123,14 +123,21 @@ def checkpoints_of(run: Path) -> Path:
     return Path(named) if named and not here.is_dir() and Path(named).is_dir() else here
 
 
+def newest_checkpoint(directory: Path) -> Path | None:
+    """``last.ckpt``, or where a run keeps none (``checkpoint.save_last`` false) the checkpoint written last."""
+    if (directory / "last.ckpt").is_file():
+        return directory / "last.ckpt"
+    written = [p for p in directory.glob("*.ckpt") if p.is_file()] if directory.is_dir() else []
+    return max(written, key=lambda p: p.stat().st_mtime_ns) if written else None
+
+
 def newest_first(root: Path) -> list[Path]:
-    """The run directories under ``root``, the one whose ``last.ckpt`` was written last (the run trained most recently)
-    first, whatever their names: a version named ``final`` is as much a run as ``version_7``."""
+    """The run directories under ``root``, the one whose newest checkpoint was written last (the run trained most
+    recently) first, whatever their names: a version named ``final`` is as much a run as ``version_7``."""
     found = []
     for config in root.glob("*/config.yaml") if root.is_dir() else ():
-        last = checkpoints_of(config.parent) / "last.ckpt"
-        if last.is_file():
-            found.append((last.stat().st_mtime_ns, config.parent.name, config.parent))
+        if (newest := newest_checkpoint(checkpoints_of(config.parent))) is not None:
+            found.append((newest.stat().st_mtime_ns, config.parent.name, config.parent))
     return [run for *_, run in sorted(found, reverse=True)]
 
 
@@ -141,13 +148,16 @@ def checkpoint(run: Path, which: str) -> Path:
     if which not in ("last", "best"):
         return Path(which)
     directory = checkpoints_of(run)
-    last = directory / "last.ckpt"
-    if not last.is_file():
-        raise ConfigError(f"{run} has no {last.relative_to(run) if last.is_relative_to(run) else last}: give a run "
-                          "directory that has trained, or a .ckpt file.")  # fmt: skip
+    newest = newest_checkpoint(directory)
+    if newest is None:
+        raise ConfigError(f"{run} has no checkpoint in {directory}: give a run directory that has trained, or a .ckpt "
+                          "file.")  # fmt: skip
     if which == "last":
-        return last
-    callbacks = read_checkpoint(last).get("callbacks", {})
+        if newest.name != "last.ckpt":
+            raise ConfigError(f"{directory} holds no last.ckpt (the run was trained with checkpoint.save_last false): "
+                              "give --ckpt_path best, or a .ckpt file.")  # fmt: skip
+        return newest
+    callbacks = read_checkpoint(newest).get("callbacks", {})
     best = next((Path(s["best_model_path"]) for s in callbacks.values() if s.get("best_model_path")), None)
     # by name, inside this run: the run directory may have moved since it was written
     if best is None or not (directory / best.name).is_file():
@@ -196,9 +206,15 @@ def release(failed: bool) -> None:
 
 
 def files(run: Path) -> tuple[Path, Path]:
-    """A run's ``config.yaml`` and ``last.ckpt``, which ``resume`` needs."""
-    config, last = run / "config.yaml", checkpoints_of(run) / "last.ckpt"
-    for needed in (config, last):
+    """A run's ``config.yaml`` and the checkpoint ``resume`` continues from: ``last.ckpt``, or where the run keeps
+    none (``checkpoint.save_last`` false) its newest checkpoint, which it says."""
+    import sys
+
+    config, newest = run / "config.yaml", newest_checkpoint(checkpoints_of(run))
+    for needed in (config, newest if newest else checkpoints_of(run) / "last.ckpt"):
         if not needed.is_file():
             raise ConfigError(f"resume {run}: {needed} does not exist; give a run directory under logs/.")
-    return config, last
+    if newest.name != "last.ckpt":
+        print(f"note: {run} keeps no last.ckpt (checkpoint.save_last false): resuming from its newest checkpoint, "
+              f"{newest}.", file=sys.stderr)  # fmt: skip
+    return config, newest
