@@ -215,7 +215,7 @@ class CLI(LightningCLI):
         elif config.trainer.fast_dev_run:  # a dry run: Lightning writes nothing, and no directory is claimed for it
             pass
         elif first and run is None:  # a new run (or an evaluation of a checkpoint of none), a directory of its own
-            run = root / runs.claim(root, "version")
+            run = runs.new(logger, root)
             runs.CLAIMED.append(run)
             runs.place(config, run)
         elif first:  # validate, test and predict write their own directory inside the run they evaluate, not into it
@@ -373,13 +373,25 @@ def main(argv: list[str]) -> None:
         with StopSignals():
             CLI(args=argv)
         failed = False
-    except RuntimeError as err:  # torch's for weights that do not fit the model built from the config
-        if "Error(s) in loading state_dict" not in str(err):
-            raise
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise ConfigError(
-            f"the checkpoint's weights do not fit the model as this command builds it ({first}): give the model its "
-            "run was trained with (--config <run>/config.yaml), or train a new run with this one."
-        ) from None
+    except Exception as err:
+        raise _said(err) from None
     finally:  # an evaluation that stopped before it wrote anything leaves no directory in the run
         runs.release(failed)
+
+
+# the packages of the trackers Lightning's loggers write to: their errors are about the tracker's setup, not the run
+TRACKERS = ("mlflow", "wandb", "neptune", "comet_ml")
+
+
+def _said(err: Exception) -> Exception:
+    """What an error raised while a command ran is for the user: one paragraph where it is theirs to fix."""
+    if type(err).__module__.split(".")[0] in TRACKERS:
+        what = " ".join(str(err).split()) or type(err).__name__
+        return ConfigError(f"the logger's tracker ({type(err).__module__.split('.')[0]}) refused this run: {what}")
+    if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err):  # weights that do not fit
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        return ConfigError(
+            f"the checkpoint's weights do not fit the model as this command builds it ({first}): give the model its "
+            "run was trained with (--config <run>/config.yaml), or train a new run with this one."
+        )
+    return err

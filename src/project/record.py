@@ -1,6 +1,6 @@
 """What a run ran on and what it measured, kept in its own directory whatever the logger: ``run.json`` (the code's
 commit and changes, the packages, torch and its CUDA and cuDNN, the machine, the data's fingerprint, each time the run
-trained) and ``metrics.csv`` (every metric the run logged, at each validation and test, with the seconds since it
+trained) and ``record.csv`` (every metric the run logged, at each validation and test, with the seconds since it
 began). ``compare`` reads these, not a logger's files."""
 
 import csv
@@ -101,7 +101,7 @@ def write(trainer: Trainer, pl_module: LightningModule) -> None:
 
 
 class MetricsRecord(Callback):
-    """Appends the metrics a run logged to ``metrics.csv`` in its directory: a row per training epoch (its training
+    """Appends the metrics a run logged to ``record.csv`` in its directory: a row per training epoch (its training
     loss and accuracy and its validation's metrics), and one per test, with the epoch, the step and the seconds since
     the run began: what ``compare`` tabulates and plots, whatever the logger. An epoch's row is written once the next
     epoch starts or the fit ends: Lightning 2.6 logs the module's epoch metrics after every callback's
@@ -109,7 +109,7 @@ class MetricsRecord(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.writes = not trainer.fast_dev_run and trainer.is_global_zero  # a dry run writes nothing
-        self.path = runs.directory(trainer) / "metrics.csv"
+        self.path = runs.directory(trainer) / "record.csv"
         self.begun, self.rows = time.time(), []
         try:  # a resumed run goes on with its record, and counts its seconds from where the record began
             with open(self.path) as f:

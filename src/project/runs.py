@@ -1,6 +1,6 @@
 """Run directories: what a run is on disk, and how a command finds one, whatever the logger.
 
-A run directory holds the resolved ``config.yaml``, ``run.json`` (what the run ran on), ``metrics.csv`` (what it
+A run directory holds the resolved ``config.yaml``, ``run.json`` (what the run ran on), ``record.csv`` (what it
 measured, epoch by epoch), ``checkpoints/`` (``last.ckpt`` and the best checkpoint) and what its logger writes there.
 Commands that evaluate or export a run write a directory of their own inside it, ``<command>_<k>/``, and change nothing
 else. Where runs go depends on the first logger:
@@ -49,7 +49,7 @@ def first_logger(logger) -> object | None:
 
 def versioned(logger) -> bool:
     """Whether a logger's class (from its config, parsed or as YAML) lays runs out as ``save_dir/name/version`` and
-    has a ``log_dir`` there, as Lightning's TensorBoardLogger and CSVLogger do."""
+    has its ``log_dir`` there, below a ``root_dir``, as Lightning's TensorBoardLogger and CSVLogger do."""
     class_path = logger.get("class_path") if isinstance(logger, dict) else getattr(logger, "class_path", None)
     if not class_path:
         return False
@@ -58,9 +58,11 @@ def versioned(logger) -> bool:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return False
-    return {"save_dir", "name", "version"} <= inspect.signature(cls).parameters.keys() and isinstance(
-        inspect.getattr_static(cls, "log_dir", None), property
-    )
+    from lightning.fabric.loggers import Logger
+
+    # Lightning's Logger has a root_dir and log_dir of None; the loggers of this form have their own
+    own = inspect.getattr_static(cls, "root_dir", None) is not inspect.getattr_static(Logger, "root_dir", None)
+    return own and {"save_dir", "name", "version"} <= inspect.signature(cls).parameters.keys()
 
 
 def root_of(logger, default_root_dir: str | None) -> Path:
@@ -70,15 +72,26 @@ def root_of(logger, default_root_dir: str | None) -> Path:
     return Path(default_root_dir) if default_root_dir else RUNS
 
 
+def new(logger, root: Path) -> Path:
+    """A new run's directory under ``root``: the version the logger's config names (``version: final``, a SLURM job's
+    id), or the next ``version_<n>``, claimed."""
+    given = logger.init_args.get("version") if versioned(logger) else None
+    if given is not None:
+        (root / str(given)).mkdir(parents=True, exist_ok=True)
+        return root / str(given)
+    return root / claim(root, "version")
+
+
 def place(config, run: Path, sub: str | None = None) -> None:
     """Points a parsed config (a command's) at the run directory ``run`` (or its sub-directory ``sub``), for whichever
     logger it has: the logger's save_dir, name and version, or the trainer's default_root_dir (see :func:`adopt`)."""
-    logger = first_logger(config.trainer.logger)
-    if versioned(logger):
-        logger.init_args.save_dir, logger.init_args.name = str(run.parent.parent), run.parent.name
-        logger.init_args.version = f"{run.name}/{sub}" if sub else run.name
-        if "sub_dir" in logger.init_args:  # the version holds it
-            logger.init_args.sub_dir = None
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    if versioned(first_logger(config.trainer.logger)):
+        for logger in filter(versioned, loggers):  # a list of them writes into the one directory
+            logger.init_args.save_dir, logger.init_args.name = str(run.parent.parent), run.parent.name
+            logger.init_args.version = f"{run.name}/{sub}" if sub else run.name
+            if "sub_dir" in logger.init_args:  # the version holds it
+                logger.init_args.sub_dir = None
     else:
         config.trainer.default_root_dir = str(run / sub if sub else run)
 
@@ -89,7 +102,7 @@ def adopt(trainer) -> None:
     them under the logger's save_dir, by the logger's run id, which a resumed run does not have again."""
     callback = trainer.checkpoint_callback
     logger = trainer.loggers[0] if trainer.loggers else None
-    if callback is not None and callback.dirpath is None and logger is not None and not hasattr(logger, "root_dir"):
+    if callback is not None and callback.dirpath is None and logger is not None and not logger.root_dir:
         callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
 
 
@@ -106,8 +119,7 @@ def directory(trainer) -> Path:
     """This run's directory, or the evaluation's inside a run: the first logger's ``log_dir`` where it is one of the
     ``save_dir/name/version`` form, otherwise the trainer's ``default_root_dir`` (see :func:`place`)."""
     logger = trainer.loggers[0] if trainer.loggers else None
-    log_dir = getattr(logger, "log_dir", None)
-    return Path(log_dir if log_dir and getattr(logger, "root_dir", None) else trainer.default_root_dir)
+    return Path(logger.log_dir if logger is not None and logger.root_dir else trainer.default_root_dir)
 
 
 def checkpoints_of(run: Path) -> Path:

@@ -43,10 +43,10 @@ CURVES = {"train loss": "train/loss_epoch", "val loss": "val/loss", "train acc":
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    """The rows of a run's ``metrics.csv`` (:mod:`project.record`), the values as floats: what every run records,
+    """The rows of a run's ``record.csv`` (:mod:`project.record`), the values as floats: what every run records,
     whatever its logger."""
     try:
-        with open(run_dir / "metrics.csv") as f:
+        with open(run_dir / "record.csv") as f:
             rows = list(csv.DictReader(f))
     except OSError:
         return []
