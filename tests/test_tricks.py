@@ -5,13 +5,14 @@ import copy
 import csv
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import ROOT, TINY, cli, fit_args, forked, invoke, tiny_experiment
+from conftest import ROOT, TINY, Child, cli, fit_args, forked, invoke, tiny_experiment
 
 from project.data import ImageDataModule
 from project.data.augment import random_erasing
@@ -184,15 +185,42 @@ def test_tta_is_the_evaluating_commands_choice(tmp_path, fashion_dir):
     assert [r["probability"] for r in without] != [r["probability"] for r in with_tta]
 
 
-def test_every_trick_together_trains(tmp_path, fashion_dir):
-    tricks = [f"--config={ROOT / 'configs/tricks' / name}.yaml"
-              for name in ("ema", "swa", "label_smoothing", "mixup_cutmix", "random_erasing", "tta")]  # fmt: skip
-    result = invoke([*fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=2"), *tricks])
+STACK = [f"--config={ROOT / 'configs/tricks' / name}.yaml"
+         for name in ("ema", "label_smoothing", "mixup_cutmix", "random_erasing", "tta")]  # fmt: skip
+
+
+def test_every_trick_together_trains_but_two_averages(tmp_path, fashion_dir):
+    # EMA and SWA would each swap its average into the model: refused at start, nothing written
+    swa = f"--config={ROOT / 'configs/tricks/swa.yaml'}"
+    result = invoke([*fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=2"), *STACK, swa])
+    assert result.returncode == 2 and "EMA and SWA both average the weights" in result.stderr.splitlines()[-1]
+    assert not list((tmp_path / "logs").glob("*/*"))
+    result = invoke([*fit_args(tmp_path, fashion_dir, "--trainer.max_epochs=2"), *STACK])
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load((run_dir(tmp_path) / "config.yaml").read_text())
     names = [c["class_path"].split(".")[-1] for c in config["trainer"]["callbacks"]]
-    assert {"EMA", "SWA"} <= set(names) and config["data"]["init_args"]["mixup_alpha"] == 0.2
+    assert "EMA" in names and config["data"]["init_args"]["mixup_alpha"] == 0.2
     assert config["model"]["init_args"]["tta"] != "none"
+
+
+@pytest.mark.slow
+def test_stacked_tricks_resume_to_the_uninterrupted_weights(tmp_path, fashion_dir):
+    from test_faults import NOISY, fault, load
+
+    def trained(where: Path, *extra: str) -> Path:
+        where.mkdir()
+        child = Child(fit_args(where, fashion_dir, *NOISY, *STACK, *extra), where / "run.log")
+        assert child.wait() in (0, 143), child.output[-3000:]
+        return run_dir(where)
+
+    straight = load(trained(tmp_path / "straight") / "checkpoints" / "last.ckpt")
+    stopped = trained(tmp_path / "stopped", fault(tmp_path / "stopped", "SIGTERM", "val0"))
+    resumed = Child(["resume", str(stopped)], tmp_path / "resume.log")
+    assert resumed.wait() == 0, resumed.output[-3000:]
+    final = load(stopped / "checkpoints" / "last.ckpt")
+    for key in ("state_dict", "current_model_state"):  # the average and the raw weights, bit for bit
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, final[key][name]), (key, name)
 
 
 @pytest.mark.slow

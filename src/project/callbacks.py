@@ -181,19 +181,27 @@ class TensorBoardReport(Callback):
 
 
 def _confusion_figure(matrix: torch.Tensor, classes: tuple[str, ...]):
+    """Rows the true classes, columns the predicted ones, each cell its count of test images: sized to its classes
+    (half an inch a cell, room for the longest name), so that three classes are as readable as thirty."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(1 + 0.6 * len(classes), 0.6 * len(classes)))
+    n = len(classes)
+    cell = 0.5 if n <= 25 else 0.25
+    names = 0.8 + 0.07 * max(len(c) for c in classes)  # inches for the tick labels beside and below
+    fig = Figure(figsize=(names + cell * n + 1.3, names + cell * n + 0.7), dpi=100)
     ax = fig.subplots()
-    ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true")
+    shown = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(shown, ax=ax, shrink=0.8, label="test images")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class",
+           title="test confusion matrix")  # fmt: skip
     ax.set_xticklabels(classes, rotation=45, ha="right")
     ax.set_yticklabels(classes)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            count = int(matrix[i, j])
-            color = "white" if count > matrix.max() / 2 else "black"
-            ax.text(j, i, count, ha="center", va="center", fontsize=7, color=color)
+    if n <= 30:  # beyond, the counts would not fit their cells
+        for i in range(n):
+            for j in range(n):
+                count = int(matrix[i, j])
+                color = "white" if count > matrix.max() / 2 else "black"
+                ax.text(j, i, count, ha="center", va="center", fontsize=8 if n <= 12 else 6, color=color)
     fig.tight_layout()
     return fig
 
@@ -219,4 +227,5 @@ def _images_figure(wrong: list[tuple[torch.Tensor, int, int]], classes: tuple[st
         ax.text((col + 0.5) * (w + 2), row * (h + 10) + 5, f"{classes[target]} → {classes[prediction]}",
                 ha="center", va="center", fontsize=6)  # fmt: skip
     ax.axis("off")
+    fig.suptitle("misclassified test images: true class → predicted class", fontsize=8, y=0.995, va="top")
     return fig

@@ -78,9 +78,10 @@ def read_checkpoint(path: str | Path) -> dict:
             zipped = f.read(4) == b"PK\x03\x04"  # what torch.save writes is a zip archive
         size = path.stat().st_size
         what = "it is empty" if size == 0 else "it is truncated or corrupt" if zipped else "it is not a PyTorch file"
+        others = sorted(p for p in path.parent.glob("*.ckpt") if p != path and p.is_file())
+        instead = f"Use another one: {', '.join(map(str, others[:3]))}" if others else "There is no other beside it"
         raise ConfigError(
-            f"{path} is not a checkpoint that can be read ({size} bytes): {what}. Use another one, such as the run's "
-            "checkpoints/last.ckpt or best-*.ckpt."
+            f"{path} is not a checkpoint that can be read ({size} bytes): {what}. {instead}; or train again."
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict).")

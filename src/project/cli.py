@@ -12,6 +12,7 @@ from pathlib import Path
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from project import record, runs
@@ -81,7 +82,10 @@ def condense(message: str) -> str:
     reasons = [(key, text) for key, text in leaves if key.count(".") + bool(key) == deepest]
     if not reasons:
         return message
-    said = "; or ".join(dict.fromkeys(text for _, text in reasons))
+    texts = list(dict.fromkeys(text for _, text in reasons))
+    # the alternatives one reason lists below a line of its own that ends with ":"
+    lead = next((i for i, text in enumerate(texts) if text.endswith(":")), len(texts))
+    said = "; or ".join(texts[:lead]) + (" " + ", ".join(texts[lead:]) if lead < len(texts) else "")
     return f"{reasons[0][0]}: {said}" + (f" (given: {given})" if given and "Got value" not in said else "")
 
 
@@ -111,8 +115,11 @@ class SaveConfig(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         directory = runs.directory(trainer)
+        # without ckpt_path, the command's own: a later --config <run>/config.yaml would put back its null
+        config = self.config.clone()
+        config.pop("ckpt_path", None)
         with replacing(directory / self.config_filename) as f:
-            f.write(self.parser.dump(self.config, skip_none=False).encode())
+            f.write(self.parser.dump(config, skip_none=False, skip_check=True).encode())
         if trainer.state.fn == "fit":
             record.write(trainer, pl_module)
 
@@ -203,6 +210,8 @@ class CLI(LightningCLI):
         run = None
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
         if config.get("ckpt_path"):
+            # best or last of the newest run: where it was trained on other data, check_fits names the run that was not
+            self.newest = (config.ckpt_path, root) if config.ckpt_path in ("best", "last") else None
             path = runs.resolve(config.ckpt_path, root)
             # a file that is no checkpoint is named here, before LightningCLI reads the hyperparameters in it
             self.checkpoint = read_checkpoint(path)
@@ -279,6 +288,10 @@ class CLI(LightningCLI):
             off.append(LearningRateMonitor)
         given = [c for c in config.get("callbacks") or [] if not isinstance(c, tuple(off))]
         kept = [c for i, c in enumerate(given) if type(c) not in {type(later) for later in given[i + 1 :]}]
+        if len(averaging := [type(c).__name__ for c in kept if isinstance(c, WeightAveraging)]) > 1:
+            # each swaps its average into the model for validation and checkpoints: two of them swap each other's
+            raise ConfigError(f"trainer.callbacks: {' and '.join(averaging)} both average the weights, and a run can "
+                              "validate, save and resume one average only: choose one of them.")  # fmt: skip
         return super().instantiate_trainer(**{"callbacks": kept, **kwargs})
 
     def instantiate_classes(self) -> None:
@@ -302,7 +315,15 @@ class CLI(LightningCLI):
         runs.adopt(self.trainer)
         if getattr(self, "checkpoint", None) is not None:
             config = self.config[self.subcommand] if self.subcommand else self.config
-            check_fits(Path(config.ckpt_path), self.checkpoint, self.model)
+            try:
+                check_fits(Path(config.ckpt_path), self.checkpoint, self.model)
+            except ConfigError as err:
+                if not self.newest:
+                    raise
+                which, root = self.newest
+                fitting = next((c for r in runs.newest_first(root) if (c := _fitting(r, which, self.model))), None)
+                also = f" The newest run of this data: --ckpt_path {fitting}" if fitting else ""
+                raise ConfigError(f"--ckpt_path {which} took the newest run under {root}: {err}{also}") from None
 
     def before_fit(self) -> None:
         known = getattr(self.model, "metric_names", None)
@@ -323,6 +344,16 @@ class CLI(LightningCLI):
         if best and checkpoints.dirpath:  # by name, in this run: a resumed run's directory may have moved
             best = str(Path(checkpoints.dirpath) / Path(best).name)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+def _fitting(run: Path, which: str, model) -> Path | None:
+    """The run's ``best`` or ``last`` checkpoint if it has one that fits ``model``."""
+    try:
+        path = runs.checkpoint(run, which)
+        check_fits(path, read_checkpoint(path), model)
+    except ConfigError:
+        return None
+    return path
 
 
 def check_fits(path: Path, checkpoint: dict, model) -> None:

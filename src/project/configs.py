@@ -24,15 +24,16 @@ def config_stems(config_args: list[str]) -> list[str]:
 
 def check_config_files(argv: list[str]) -> None:
     """jsonargparse 4.53 answers an empty config file with a blank "Unexpected config:" (its issue 367 fixed that for
-    default config files only), and one that is not YAML with a line
-    number in "<unicode string>"; say which file and what is wrong instead."""
+    default config files only), one that is not YAML with a line number in "<unicode string>", and a section written
+    as a list with every alternative of its type; say which file and what is wrong instead."""
     import yaml
 
     for path in config_paths(argv):
         if path.is_file():
             try:
                 with open(path) as f:
-                    empty = yaml.safe_load(f) is None
+                    loaded = yaml.safe_load(f)
+                empty = loaded is None
             except UnicodeDecodeError:
                 raise ConfigError(f"{path} is not a text file: a config is YAML.") from None
             except yaml.YAMLError as err:
@@ -42,6 +43,13 @@ def check_config_files(argv: list[str]) -> None:
                 raise ConfigError(f"{path} is not valid YAML: {what}{where}.") from None
             if empty:
                 raise ConfigError(f"{path} is empty: a config holds YAML keys such as trainer:, model: or data:.")
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path} holds a {type(loaded).__name__}: a config holds YAML keys such as trainer:, "
+                                  "model: or data:.")  # fmt: skip
+            for section in ("trainer", "model", "data", "checkpoint", "early_stopping", "predictions"):
+                if isinstance(loaded.get(section), list):
+                    raise ConfigError(f"{section}: in {path} is a list (its lines start with '- '): a section holds "
+                                      "keys, indented below it without '- ' (as in configs/default.yaml).")  # fmt: skip
 
 
 def check_unquoted_pattern(argv: list[str]) -> None:

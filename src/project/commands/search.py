@@ -49,9 +49,6 @@ from project.commands.experiments import resolve
 from project.configs import DEFAULT_CONFIG
 from project.errors import ConfigError, ProjectError
 
-# heartbeats (how a restarted search retries the trial a killed one left running) are still "experimental" in Optuna
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
 PRUNED_EXIT = 3
 MAX_FAILURES = 3  # trials failing in a row before a search gives up
 
@@ -185,6 +182,22 @@ def best_value(trial: optuna.trial.FrozenTrial, maximize: bool) -> float | None:
     return (max if maximize else min)(values) if values else None
 
 
+def choices(study: optuna.Study, space: dict) -> list[str]:
+    """Each choice of each categorical dimension with the complete trials' best and mean value: the importances rank a
+    choice that decides the result low when its trials are few or the other dimensions vary a lot among them."""
+    maximize = study.direction.name == "MAXIMIZE"
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    lines = []
+    for key, spec in space.items():
+        for choice in spec.get("configs", spec.get("choices", [])) if "low" not in spec else []:
+            values = [t.value for t in done if t.params.get(key) == choice]
+            if values:
+                best = max(values) if maximize else min(values)
+                lines.append(f"- {key} = {choice}: {len(values)} complete trials, best {best:.4f}, mean "
+                             f"{sum(values) / len(values):.4f}")  # fmt: skip
+    return ["Categorical choices (what importances.png cannot show of them):", *lines] if lines else []
+
+
 def write_reports(study: optuna.Study, space: dict, space_file: Path, base: list[str], directory: Path, monitor: str):
     keys = list(space)
     columns = ["trial", "state", monitor, "epochs", "seconds", "worker", *keys]
@@ -203,6 +216,7 @@ def write_reports(study: optuna.Study, space: dict, space_file: Path, base: list
         writer.writerows(rows)
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     table += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |" for r in rows]
+    table += ["", *choices(study, space)]
     (directory / "trials.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
@@ -252,6 +266,10 @@ def main(argv: list[str]) -> None:
 
 
 def run_search(args: argparse.Namespace, extra: list[str]) -> None:
+    # heartbeats (how a restarted search retries the trial a killed one left running) are still "experimental" in
+    # Optuna 5; and Optuna logs each trial that fails with its traceback, which this command says in one line itself
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     space = load_space(args.space)
     # arguments after -- come after a trial's sampled ones, so they would win: a searched key there is never searched
     given = {a[2:].split("=", 1)[0] for a in extra if a.startswith("--")}
@@ -294,7 +312,14 @@ def run_search(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"trial {trial.number} ({shown}): training", flush=True)
         start = time.monotonic()
         with open(directory / f"{run_name}.log", "w") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent).returncode
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            try:
+                code = child.wait()
+            except KeyboardInterrupt:  # Ctrl+C reaches the trial too (this terminal's process group): it saves, then
+                if child.poll() is None:  # both stop
+                    child.send_signal(signal.SIGINT)
+                child.wait()
+                raise
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         value = best_value(frozen, maximize)
         took = f"{time.monotonic() - start:.0f} s"
@@ -309,6 +334,7 @@ def run_search(args: argparse.Namespace, extra: list[str]) -> None:
             if code == 2 or len(failures) >= MAX_FAILURES:  # a config error fails every trial alike
                 raise ProjectError(f"search stopped: {why}" + (f" (trials {failures} failed in a row)" if
                                    len(failures) > 1 else ""))  # fmt: skip
+            print(why, flush=True)
             raise RuntimeError(why)
         failures.clear()
         print(f"trial {trial.number}: {args.monitor}={value:.4f} ({took})", flush=True)

@@ -31,11 +31,14 @@ def _tuner(config_args: list[str], command: str, workdir: str):
     from project.cli import CLI
 
     cli = CLI(args=config_args, command=command)
+    # the finders train a few steps each: the lr finder puts its own schedule in the config's place, the batch-size
+    # finder needs none, and a schedule planned over a run's length (one-cycle) has no run to plan for here
+    cli.model.scheduler = None
     trainer = Trainer(
         accelerator=cli.config.trainer.accelerator,
         precision=cli.config.trainer.precision,
         devices=1,
-        max_epochs=1,
+        max_epochs=-1,  # as many epochs as the finder's steps take: a small folder has few batches an epoch
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -113,9 +116,10 @@ def main(argv: list[str]) -> None:
             lrs, losses = torch.tensor(finder.results["lr"]), torch.tensor(finder.results["loss"])
             lr = suggest(lrs, losses)
             if lr is None:
+                ran = f"{len(lrs)} steps" + (f" (of --steps {args.steps})" if len(lrs) < args.steps else "")
                 raise ConfigError(
-                    f"lr-find: the loss did not fall over {args.steps} steps from {args.min_lr:g} to {args.max_lr:g} "
-                    "(or it diverged at once): no learning rate to suggest. Try more --steps or another range."
+                    f"lr-find: the loss did not fall over {ran} from {args.min_lr:g} to {args.max_lr:g} (or it "
+                    "diverged at once): no learning rate to suggest. Try more --steps or another range."
                 )
             lr = float(f"{lr:.3g}")
             found = {"model": {"optimizer": {"init_args": {"lr": lr}}}}  # also one-cycle's peak (one knob)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
@@ -230,11 +231,24 @@ class ImageDataModule(LightningDataModule):
         own_test = "test" in self.source.splits
         if self.train_set is None and (stage in ("fit", "validate") or not own_test):
             self._setup_pool()
+            if stage == "fit" and rank_zero_only.rank == 0:
+                print(self.summary())
         if stage in ("test", "predict") and self.test_set is None:
             test = self._load("test")
             self.test_set, self.test_paths = test.set, test.paths
         if stage == "predict":
             self.predict_set, self.predict_paths = self.test_set, self.test_paths
+
+    def summary(self) -> str:
+        """How many images each split holds, and the train split per class: what a run is about to train on."""
+        splits = (("train", self.train_set), ("validation", self.val_set), ("test", self.test_set))
+        sizes = ", ".join(f"{name} {len(split):,}" for name, split in splits if split is not None)
+        counts = torch.bincount(self.train_set.y, minlength=self.num_classes).tolist()
+        per_class = ", ".join(f"{c} {n:,}" for c, n in zip(self.classes, counts, strict=True))
+        if len(counts) > 12:
+            per_class = f"{min(counts):,} to {max(counts):,} a class"
+        test = "" if self.test_set is not None else ", test: the source's own"
+        return f"{self.title}: {self.num_classes} classes; {sizes} images{test}; train per class: {per_class}."
 
     def _load(self, split: str) -> Images:
         images = self.source.load(split, Path(self.hparams.data_dir), self.hparams.num_workers)

@@ -38,6 +38,7 @@ class Layout:
     classes: tuple[str, ...]
     splits: dict[str, tuple[list[Path], list[int]]]
     ignored: list[Path]  # files that are not images by their suffix
+    loose: list[Path]  # files beside the class folders, in no class
 
 
 def _class_dirs(path: Path) -> list[Path]:
@@ -48,13 +49,22 @@ def _images(path: Path) -> tuple[list[Path], list[Path]]:
     """The image files under ``path`` (any depth, by suffix, sorted; hidden files and folders left out), and the other
     files."""
     files, seen = [], set()
-    # linked folders are followed (images gathered from elsewhere), each real folder once: a link to a parent is no loop
+    # linked folders are followed (images gathered from elsewhere), each real folder once, and never one that holds the
+    # folder walked: a link to a parent would pull the other classes' images into this one
+    top = os.path.realpath(path)
     for directory, dirs, names in os.walk(path, followlinks=True):
         seen.add(os.path.realpath(directory))
-        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(Path(directory) / d) not in seen]
+        real = {d: os.path.realpath(Path(directory) / d) for d in dirs}
+        dirs[:] = [d for d in dirs if not d.startswith(".") and _enters(real[d], top, seen)]
         files += [Path(directory) / f for f in names if not f.startswith(".")]
     images = sorted(f for f in files if f.suffix.lower() in SUFFIXES)
     return images, sorted(f for f in files if f.suffix.lower() not in SUFFIXES)
+
+
+def _enters(real: str, top: str, seen: set[str]) -> bool:
+    """Whether a folder found by a walk from ``top`` is one to enter: not walked yet, and not ``top`` or a folder
+    above it."""
+    return real not in seen and not (top == real or top.startswith(real.rstrip(os.sep) + os.sep))
 
 
 def classes_of(root: str | Path) -> tuple[str, ...]:
@@ -91,10 +101,12 @@ def scan(root: str | Path) -> Layout:
                 f"data.source.root {root} has train/ and also {', '.join(others)}/: beside train/, a folder holds only "
                 "val/ (or valid/, validation/) and test/ (or testing/). Move or rename the others."
             )
-    splits, ignored = {}, []
+    splits, ignored, loose = {}, [], []
     for split, base in found.items():
         if base is None:
             continue
+        # files beside the class folders belong to no class
+        loose += [f for f in base.iterdir() if f.is_file() and not f.name.startswith(".")]
         files, labels = [], []
         for class_dir in _class_dirs(base):
             if class_dir.name not in classes:
@@ -111,7 +123,7 @@ def scan(root: str | Path) -> Layout:
             files += images
             labels += [classes.index(class_dir.name)] * len(images)
         splits[split] = (files, labels)
-    return Layout(root, classes, splits, ignored)
+    return Layout(root, classes, splits, ignored, loose)
 
 
 class Decoded(Dataset):
@@ -200,6 +212,10 @@ def load(
         kinds = sorted({f.suffix.lower() or f.name for f in layout.ignored})
         print(f"note: ignored {len(layout.ignored)} files of {layout.root} that are not images by their suffix "
               f"({', '.join(kinds[:8])}); images are {', '.join(SUFFIXES)}.", file=sys.stderr)  # fmt: skip
+    if layout.loose and rank_zero_only.rank == 0:
+        shown = ", ".join(str(f) for f in layout.loose[:3]) + (", ..." if len(layout.loose) > 3 else "")
+        print(f"note: ignored {len(layout.loose)} files of {layout.root} that are in no class folder ({shown}): an "
+              "image's class is the name of the folder it is in.", file=sys.stderr)  # fmt: skip
     warn_skipped(skipped, len(files), f" of {layout.root}")
     return FolderImages(layout, sets, sums, paths, skipped)
 
@@ -248,4 +264,8 @@ def expand(patterns: list[str]) -> list[Path]:
             f"data.predict_files {', '.join(patterns)} matches no files: give image files, folders or glob patterns "
             f"(quoted, e.g. 'photos/*.jpg')."
         )
-    return list(found)
+    # each file once, by what it is: a ** pattern follows a linked folder that holds itself round and round
+    once: dict[str, Path] = {}
+    for path in found:
+        once.setdefault(os.path.realpath(path), path)
+    return list(once.values())

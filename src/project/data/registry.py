@@ -5,8 +5,10 @@ from a system package (Debian's ``dataset-fashion-mnist``), a checksum of every 
 before use (torchvision checks MNIST files only for existence), and one error that says what to do.
 """
 
+import contextlib
 import gzip
 import hashlib
+import json
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -143,7 +145,18 @@ def prepare(name: str, data_dir: str | Path, download: bool) -> None:
         missing = [f for f in info.md5 if not (raw / f).exists()]
     if missing:
         raise DataError(_missing_message(info, raw, missing, "download is off (data.download: false)"))
+    # a file whose checksum matched is checked again when its size or time changes: 0.15 s less at every launch
+    stamp = raw / ".verified.json"
+    try:
+        verified = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        verified = {}
+    seen = {}
     for file, expected in info.md5.items():
+        stat = (raw / file).stat()
+        seen[file] = [stat.st_size, stat.st_mtime_ns, expected]
+        if verified.get(file) == seen[file]:
+            continue
         actual = _md5(raw / file)
         if actual != expected:
             # a bad .gz beside it would only be decompressed again
@@ -154,6 +167,9 @@ def prepare(name: str, data_dir: str | Path, download: bool) -> None:
                 + (f", or reinstall the {info.package} package" if info.package else "")
                 + "."
             )
+    if seen != verified:
+        with contextlib.suppress(OSError), replacing(stamp) as f:  # a read-only data directory checks every time
+            f.write(json.dumps(seen).encode())
 
 
 def load(name: str, data_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
