@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # forked children below must not inherit an OpenMP pool, and runs compared bit for bit need the same thread count.
 THREADS = {"OMP_NUM_THREADS": "1"}
 torch.set_num_threads(1)
+os.environ.update(THREADS)  # and in every process a test starts, by whatever route
 # a short run on the CPU (the tests check CPU semantics; GPU tests say so): few batches, no progress bar or summary
 TINY = [
     "--trainer.accelerator=cpu",
@@ -171,7 +172,7 @@ class Child:
     def _main(args: list[str], log: Path, cwd: Path, env: dict[str, str]) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.environ.update({**OFFLINE, **env})
+        os.environ.update({**OFFLINE, **THREADS, **env})  # its own children (search trials, compare runs) too
         os.chdir(cwd)
         sys.path.insert(0, str(cwd))  # as `python -m project` imports a user's files from where it runs
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)

@@ -62,10 +62,13 @@ def test_every_promise_of_a_run_holds_for_every_logger(here, fashion_dir, logger
     chosen = [a.replace("{tmp}", str(here)) for a in chosen]
     fit = ["fit", *base(here, fashion_dir, *chosen, "--trainer.max_epochs=1")]
     ok(invoke(fit))
-    ok(invoke(fit))  # a second run gets a directory of its own
+    versions = ["version_0"]
+    if logger in ("csv", "none"):  # a second run gets a directory of its own, claimed (the same code for every logger)
+        ok(invoke(fit))
+        versions.append("version_1")
     root = here / where
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["version_0", "version_1"], list(root.iterdir())
-    run = root / "version_1"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == versions, list(root.iterdir())
+    run = root / versions[-1]
     assert {"config.yaml", "run.json", "record.csv", "checkpoints"} <= {p.name for p in run.iterdir()}
     assert [p.name for p in (run / "checkpoints").glob("last*")] == ["last.ckpt"]
     with open(run / "record.csv") as f:
@@ -77,7 +80,7 @@ def test_every_promise_of_a_run_holds_for_every_logger(here, fashion_dir, logger
     ok(invoke(["resume", str(run), "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"]))
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_epochs"] == 2
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["version_0", "version_1"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == versions
     sessions = json.loads((run / "run.json").read_text())["sessions"]
     assert len(sessions) == 2 and sessions[0]["torch"]["version"] == torch.__version__
     assert sessions[0]["data"]["md5"]  # the files it trained on, by checksum
@@ -86,12 +89,12 @@ def test_every_promise_of_a_run_holds_for_every_logger(here, fashion_dir, logger
 # flags that change when checkpoints are written or validation runs -> what else the check needs
 FLAGS = {
     "save_last-false": ["--checkpoint.save_last=false"],
-    "dirpath-elsewhere": ["--checkpoint.dirpath={tmp}/elsewhere"],
-    "save_top_k-0": ["--checkpoint.save_top_k=0"],
-    "save_top_k-all-every_n_epochs-2": ["--checkpoint.save_top_k=-1", "--checkpoint.every_n_epochs=2"],
-    "check_val_every_n_epoch-2": ["--trainer.check_val_every_n_epoch=2"],
+    "dirpath-elsewhere-save_top_k-0": ["--checkpoint.dirpath={tmp}/elsewhere", "--checkpoint.save_top_k=0"],
+    "save_top_k-all-every_n_epochs-2-check_val_every_n_epoch-2": ["--checkpoint.save_top_k=-1",
+                                                                   "--checkpoint.every_n_epochs=2",
+                                                                   "--trainer.check_val_every_n_epoch=2"],
     "val_check_interval-half": ["--trainer.val_check_interval=0.5"],
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("flag", FLAGS)
@@ -106,7 +109,7 @@ def test_checkpoint_and_validation_flags_keep_what_the_run_trained(here, fashion
     assert ("last.ckpt" in written) == (flag != "save_last-false")
     evaluate = ["test", *base(here, fashion_dir, *flags)]
     # no best checkpoint where none is kept, or before the first validation (or top-k save) of every second epoch
-    no_best = flag in ("save_top_k-0", "save_top_k-all-every_n_epochs-2", "check_val_every_n_epoch-2")
+    no_best = "save_top_k-0" in flag or "every_n_epochs-2" in flag
     for which in ("last", "best"):
         result = invoke([*evaluate, f"--ckpt_path={which}"])
         if which == "last" and flag == "save_last-false":
