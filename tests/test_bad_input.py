@@ -323,6 +323,7 @@ def test_predicting_files_needs_no_dataset(tmp_path, fashion_dir, trained):
     assert row["file"] == str(tmp_path / "photo.png") and row["class_name"] in DATASETS["fashion_mnist"].classes
 
 
+@pytest.mark.slow
 def test_a_run_resumed_by_another_path_or_moved_keeps_one_last_and_one_best(tmp_path, fashion_dir, monkeypatch):
     cosine = fit_args(tmp_path, fashion_dir, config="configs/schedulers/cosine.yaml")
     assert invoke(cosine).returncode == 0

@@ -46,6 +46,7 @@ def softmax_rows(path: Path) -> dict[int, list[float]]:
     return probabilities
 
 
+@pytest.mark.slow
 def test_export_computes_what_the_checkpoint_computes(folder_run, image_folder, tmp_path):
     before = sorted(p.relative_to(folder_run) for p in folder_run.rglob("*"))
     result = invoke(["export", str(folder_run)])
@@ -107,6 +108,7 @@ def test_a_mismatch_fails_the_command(folder_run, monkeypatch):
     assert Path(info["checkpoint"]).is_absolute() and "test images of ImageDataModule" in info["parity"]["images"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_export_leaves_no_files(folder_run, tmp_path, monkeypatch):
     def interrupt(*args):
         raise KeyboardInterrupt

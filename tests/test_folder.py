@@ -326,6 +326,7 @@ def test_ctrl_c_while_decoding_stops_and_caches_nothing(image_folder, tmp_path, 
     assert stopped.value.exit_code == 130 and len(calls) < 300 and not (tmp_path / "folders").exists()
 
 
+@pytest.mark.slow
 def test_a_changed_folder_after_training(fashion_dir, tmp_path):
     root = write_image_folder(tmp_path / "images", fashion_dir, 20)
     assert invoke(folder_fit(tmp_path, root)).returncode == 0
@@ -413,6 +414,7 @@ def test_a_damaged_cache_is_rebuilt_not_trained_on(image_folder, tmp_path, capsy
     assert torch.equal(again.train_set.x, first.train_set.x)
 
 
+@pytest.mark.slow
 def test_a_run_keeps_its_folder_whatever_the_directory(image_folder, tmp_path):
     # the folder given relative to where fit ran is saved absolute: test, resume and export from elsewhere read it
     (tmp_path / "here").mkdir()

@@ -10,6 +10,8 @@ import torch
 import yaml
 from conftest import ROOT, TINY, invoke
 
+pytestmark = pytest.mark.slow  # each case fits, resumes and evaluates a run
+
 QUICK = [a for a in TINY if "max_epochs" not in a]
 
 

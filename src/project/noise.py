@@ -21,6 +21,9 @@ WARNINGS = (
     "You're resuming from a checkpoint that ended before the epoch ended",
     # Lightning 2.6.6 builds torch pytrees the way torch 2.14 deprecates (Lightning issue 21326)
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+    # validate/test/predict restore the checkpoint callback into <run>/<command>_<k>, where they save nothing (a resumed
+    # run that moved keeps its state: checkpoint.ModelCheckpoint.load_state_dict) (Lightning 2.6, since its PR 12045)
+    "The dirpath has changed from",
 )
 # an advert for Lightning's cloud logger (Lightning 2.6.1, its PR 21430; issue 21294 asks for a switch), and a note that
 # the configured model summary replaces Lightning's default one
