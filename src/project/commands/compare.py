@@ -6,9 +6,9 @@
     python -m project compare configs/experiments/optimizers --seeds 3      # each variant 3 times: mean +- std
 
 Each variant trains as ``logs/experiments/<name>/<variant>/version_<n>`` (``<variant>/seed_<s>/version_<n>`` with
-``--seeds``; a finished run there is reused unless ``--rerun``); then ``comparison.md``, ``comparison.csv`` and
-``curves.png`` are written beside them, read from the TensorBoard event files. Point TensorBoard at
-``logs/experiments/<name>`` to compare the runs there.
+``--seeds``; a finished run there is reused if its config is the one that would train now, unless ``--rerun``); then
+``comparison.md``, ``comparison.csv`` and ``curves.png`` are written beside them, read from each run's ``record.csv``
+and ``run.json``, whatever its logger. Point TensorBoard at ``logs/experiments/<name>`` to compare the runs there.
 
 With ``--seeds N`` (N >= 2), every variant trains with ``seed_everything`` 0..N-1 (the weights, the data order, dropout
 and augmentation change; the train/val split, seeded by ``data.split_seed``, does not), and the table gives per variant

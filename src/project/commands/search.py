@@ -216,7 +216,8 @@ def write_reports(study: optuna.Study, space: dict, space_file: Path, base: list
         writer.writerows(rows)
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     table += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |" for r in rows]
-    table += ["", *choices(study, space)]
+    categorical = choices(study, space)
+    table += ["", *categorical]
     (directory / "trials.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
@@ -229,6 +230,9 @@ def write_reports(study: optuna.Study, space: dict, space_file: Path, base: list
     try:
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
         ax = plots.plot_param_importances(study, evaluator=evaluator)
+        if categorical:  # beside the bars, which can rank a choice that decides the result last
+            ax.figure.text(0.01, -0.02, "\n".join(categorical).replace("importances.png", "these bars"),
+                           va="top", fontsize=8)  # fmt: skip
         ax.figure.savefig(directory / "importances.png", dpi=90, bbox_inches="tight")
     except (RuntimeError, ValueError) as err:  # too few finished trials, or a space of one point
         print(f"No parameter importances yet: {err}")
