@@ -218,6 +218,7 @@ def _fashion_copy(tmp_path: Path, fashion_dir: Path) -> Path:
     return raw
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["truncated", "random", "empty"])
 def test_a_bad_gz_in_the_data_folder_is_named_and_the_fix_works(tmp_path, fashion_dir, content):
     raw = _fashion_copy(tmp_path, fashion_dir)
@@ -287,6 +288,7 @@ def test_evaluating_needs_a_checkpoint(tmp_path, fashion_dir, command):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_a_resume_cannot_stretch_one_cycle_and_keeps_the_config(tmp_path, trained):
     config = (trained / "config.yaml").read_bytes()
     checkpoints = {p: p.read_bytes() for p in (trained / "checkpoints").iterdir()}

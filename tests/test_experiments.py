@@ -29,6 +29,7 @@ def lr_at(config: str, epoch: float) -> float:
     return lr[min(range(len(x)), key=lambda i: abs(x[i] - epoch))]
 
 
+@pytest.mark.slow
 def test_lr_schedules_without_training():
     base = 0.003  # the default config's AdamW learning rate
     assert lr_at("configs/schedulers/step.yaml", 2.9) == pytest.approx(base)
@@ -48,6 +49,7 @@ def test_lr_schedules_without_training():
     assert lr_at(plateau, 2.5) == pytest.approx(base) and lr_at(plateau, 7.5) < base
 
 
+@pytest.mark.slow
 def test_lr_plot_writes_a_png(tmp_path):
     out = tmp_path / "lr.png"
     result = invoke(["lr-plot", str(ROOT / "configs/experiments/schedulers"), f"--out={out}"])

@@ -83,6 +83,7 @@ def test_export_computes_what_the_checkpoint_computes(folder_run, image_folder, 
     assert "last.ckpt" in json.loads((folder_run / "export_1" / "model.json").read_text())["checkpoint"]
 
 
+@pytest.mark.slow
 def test_binary_export_gives_one_logit_per_class(fashion_dir, tmp_path):
     assert invoke(fit_args(tmp_path, fashion_dir, "--data.positive_class=8")).returncode == 0
     run = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0"

@@ -165,6 +165,7 @@ def test_training_learns_the_folder_classes(image_folder, tmp_path):
     assert acc >= 0.8  # 3 classes: chance is 0.33
 
 
+@pytest.mark.slow
 def test_predict_on_files_folders_and_globs(fashion_dir, tmp_path):
     root = write_image_folder(tmp_path / "images", fashion_dir, 20, ("train", "train", "val", "test"))
     assert invoke(folder_fit(tmp_path, root, "--data.batch_size=16")).returncode == 0

@@ -1,6 +1,9 @@
 """Two nodes x one process on loopback through torchrun (c10d rendezvous, gloo), against one process."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -26,20 +29,23 @@ def test_two_nodes_with_torchrun_match_one_process_of_the_same_global_batch(tmp_
                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test"]  # fmt: skip
     two_nodes = [*_args(tmp_path, fashion_dir, "two_nodes", 50), "--trainer.num_nodes=2", "--trainer.devices=1",
                  "--trainer.strategy=ddp"]  # fmt: skip
+    logs = [tmp_path / f"node{rank}.log" for rank in range(2)]
     nodes = [
-        subprocess.Popen(
-            [*torchrun, f"--node_rank={rank}", "-m", "project", *two_nodes],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
+        subprocess.Popen([*torchrun, f"--node_rank={rank}", "-m", "project", *two_nodes], cwd=ROOT, env=env,
+                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        for rank, log in enumerate(logs)
+    ]  # fmt: skip
     single = forked(_args(tmp_path, fashion_dir, "one_process", 100), tmp_path / "one_process.log")
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    try:
+        codes = [node.wait(timeout=180) for node in nodes]
+    except subprocess.TimeoutExpired:  # a node that waits for the other forever: both outputs, then both stopped
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+        codes = None
+    outputs = [log.read_text() for log in logs]
+    tails = "\n".join(f"node {rank}:\n{output[-3000:]}" for rank, output in enumerate(outputs))
+    assert codes == [0, 0], f"exit codes {codes}\n{tails}"
     assert single.returncode == 0, single.stdout[-3000:]
 
     ranks = [json.loads((tmp_path / "two_nodes" / f"rank{r}.json").read_text()) for r in range(2)]

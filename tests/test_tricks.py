@@ -53,6 +53,7 @@ def test_ema_weights_differ_from_the_raw_ones_and_are_the_ones_saved_and_tested(
     assert not torch.equal(raw.state_dict()[weight], c.model.state_dict()[weight])
 
 
+@pytest.mark.slow
 def test_ema_resumes_to_the_same_average(tmp_path, fashion_dir):
     straight = tmp_path / "straight"
     # no one-cycle: its length is the first run's, which the resumed run extends
@@ -170,6 +171,7 @@ def test_tta_on_a_symmetric_input_equals_no_tta():
     assert both.shape == (4, 10) and not torch.allclose(both, flip.tta_logits(x))
 
 
+@pytest.mark.slow
 def test_tta_is_the_evaluating_commands_choice(tmp_path, fashion_dir):
     args = fit_args(tmp_path, fashion_dir, "--model.tta=flip_translate")
     assert invoke(args).returncode == 0

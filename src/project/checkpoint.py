@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from project import runs
-from project.errors import ConfigError, NonFiniteError, ProjectError
+from project.errors import NonFiniteError, ProjectError
 from project.files import replacing
 from project.signals import Interrupted, StopSignals
 
@@ -56,36 +56,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
         return super().load_checkpoint(path, map_location, weights_only=weights_only is not False)
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's contents, tensors memory-mapped (nothing is read until used), or ConfigError saying why it
-    cannot be one: missing, empty, truncated, not a PyTorch file, or holding objects that unpickling could run."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--ckpt_path {path}: no such file.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ValueError... for a bad file
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise ConfigError(
-                f"{path} holds objects other than tensors and plain types, and unpickling them could run code "
-                f"({reason}). If you trust its source, load it in Python with torch.load(..., weights_only=False) "
-                "and save its tensors again."
-            ) from None
-        with open(path, "rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"  # what torch.save writes is a zip archive
-        size = path.stat().st_size
-        what = "it is empty" if size == 0 else "it is truncated or corrupt" if zipped else "it is not a PyTorch file"
-        others = sorted(p for p in path.parent.glob("*.ckpt") if p != path and p.is_file())
-        instead = f"Use another one: {', '.join(map(str, others[:3]))}" if others else "There is no other beside it"
-        raise ConfigError(
-            f"{path} is not a checkpoint that can be read ({size} bytes): {what}. {instead}; or train again."
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict).")
-    return checkpoint
 
 
 def rng_states() -> dict:

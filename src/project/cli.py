@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from project import record, runs
 from project.callbacks import CSVPredictionWriter, EarlyStopping, TensorBoardReport
-from project.checkpoint import SafeModelCheckpoint, read_checkpoint
+from project.checkpoint import SafeModelCheckpoint
 from project.configs import DEFAULT_CONFIG, check_config_files, check_unquoted_pattern
 from project.data import ImageData
 from project.data.datamodule import check as check_data
@@ -26,6 +26,7 @@ from project.files import replacing
 from project.module import ImageClassifier
 from project.module import check as check_model
 from project.record import MetricsRecord
+from project.runs import read_checkpoint
 from project.signals import StopSignals
 
 COMMANDS = ("fit", "validate", "test", "predict")

@@ -19,6 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from project.errors import ConfigError, ProjectError
 
 CLAIMED: list[Path] = []  # the run and evaluation directories this process created
@@ -153,10 +155,38 @@ def newest_first(root: Path) -> list[Path]:
     return [run for *_, run in sorted(found, reverse=True)]
 
 
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents, tensors memory-mapped (nothing is read until used), or ConfigError saying why it
+    cannot be one: missing, empty, truncated, not a PyTorch file, or holding objects that unpickling could run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ckpt_path {path}: no such file.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ValueError... for a bad file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise ConfigError(
+                f"{path} holds objects other than tensors and plain types, and unpickling them could run code "
+                f"({reason}). If you trust its source, load it in Python with torch.load(..., weights_only=False) "
+                "and save its tensors again."
+            ) from None
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # what torch.save writes is a zip archive
+        size = path.stat().st_size
+        what = "it is empty" if size == 0 else "it is truncated or corrupt" if zipped else "it is not a PyTorch file"
+        others = sorted(p for p in path.parent.glob("*.ckpt") if p != path and p.is_file())
+        instead = f"Use another one: {', '.join(map(str, others[:3]))}" if others else "There is no other beside it"
+        raise ConfigError(
+            f"{path} is not a checkpoint that can be read ({size} bytes): {what}. {instead}; or train again."
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict).")
+    return checkpoint
+
+
 def checkpoint(run: Path, which: str) -> Path:
     """The ``last`` or ``best`` checkpoint of the run directory ``run``, or the path ``which``."""
-    from project.checkpoint import read_checkpoint
-
     if which not in ("last", "best"):
         return Path(which)
     directory = checkpoints_of(run)

@@ -29,9 +29,8 @@ def load_run(run: Path, ckpt: str, overrides: list[str]):
     ``--data.data_dir`` where the data is now)."""
     import logging
 
-    from project.checkpoint import read_checkpoint
     from project.cli import CLI, check_fits
-    from project.runs import checkpoint
+    from project.runs import checkpoint, read_checkpoint
 
     config_path = run / "config.yaml"
     if not config_path.is_file():
