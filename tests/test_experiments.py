@@ -60,33 +60,33 @@ def test_lr_plot_writes_a_png(tmp_path):
 @pytest.mark.slow
 def test_compare_runs_variants_reports_failures_and_reuses_finished_runs(tmp_path, fashion_dir):
     experiment = tiny_experiment(tmp_path, fashion_dir)
+    (experiment / "mlp.yaml").unlink()  # one variant that trains (compare --seeds in test_tricks trains two)
     (experiment / "broken.yaml").write_text("model:\n  net:\n    class_path: project.models.Nope\n")
     logs = tmp_path / "logs"
     args = ["compare", str(experiment), f"--logs={logs}", "--", *TINY, "--trainer.max_epochs=2"]
     result = forked(args, tmp_path / "compare.log")
     assert result.returncode == 1  # a variant failed, and says so
     # a variant whose config cannot work fails before it trains, with the reason
-    assert "[1/3] tiny/broken: FAILED, variant broken would not start: model.net" in result.stdout
+    assert "[1/2] tiny/broken: FAILED, variant broken would not start: model.net" in result.stdout
     assert "Nope" in result.stdout
     with open(logs / "tiny" / "comparison.csv") as f:
         rows = {row["run"]: row for row in csv.DictReader(f)}
     assert rows["broken"]["status"].startswith("failed, variant broken would not start")
-    for name, params in (("mlp", 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10), ("linear", 7850)):
-        row = rows[name]
-        assert row["status"] == "ok" and row["epochs"] == "2" and int(row["params"]) == params
-        assert 0 < float(row["test acc"]) <= 1 and 0 <= int(row["best epoch"]) <= 1
+    row = rows["linear"]
+    assert row["status"] == "ok" and row["epochs"] == "2" and int(row["params"]) == 7850
+    assert 0 < float(row["test acc"]) <= 1 and 0 <= int(row["best epoch"]) <= 1
     assert "| linear | ok |" in (logs / "tiny" / "comparison.md").read_text()
     assert (logs / "tiny" / "curves.png").read_bytes().startswith(PNG)
 
     again = forked(args, tmp_path / "again.log")
-    assert "[2/3] tiny/linear: reusing" in again.stdout and "[3/3] tiny/mlp: reusing" in again.stdout
-    assert sorted(p.name for p in (logs / "tiny" / "mlp").iterdir()) == ["version_0"]
+    assert "[2/2] tiny/linear: reusing" in again.stdout
+    assert sorted(p.name for p in (logs / "tiny" / "linear").iterdir()) == ["version_0"]
     # a finished run is what would train now only if its config is: other arguments after -- train anew
-    fit = [f"--config={experiment / 'base.yaml'}", f"--config={experiment / 'mlp.yaml'}", *TINY]
-    same = yaml.safe_load(resolve([*fit, "--trainer.max_epochs=2"], "mlp"))
-    other = yaml.safe_load(resolve([*fit, "--trainer.max_epochs=3"], "mlp"))
-    assert finished(logs / "tiny" / "mlp", same) == logs / "tiny" / "mlp" / "version_0"
-    assert finished(logs / "tiny" / "mlp", other) is None
+    fit = [f"--config={experiment / 'base.yaml'}", f"--config={experiment / 'linear.yaml'}", *TINY]
+    same = yaml.safe_load(resolve([*fit, "--trainer.max_epochs=2"], "linear"))
+    other = yaml.safe_load(resolve([*fit, "--trainer.max_epochs=3"], "linear"))
+    assert finished(logs / "tiny" / "linear", same) == logs / "tiny" / "linear" / "version_0"
+    assert finished(logs / "tiny" / "linear", other) is None
 
 
 def _get(url: str, data: dict | None = None):

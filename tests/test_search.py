@@ -137,16 +137,16 @@ def test_kill_9_loses_only_the_running_trial_and_the_same_command_continues(tmp_
 
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(tmp_path, fashion_dir):
-    args = search_args(tmp_path, fashion_dir, SPACE, 3)
+    args = search_args(tmp_path, fashion_dir, SPACE, 2)
     # started together: both create the new study's storage at the same moment
     first, second = Child(args, tmp_path / "first.log"), Child(args, tmp_path / "second.log")
     assert (first.wait(400), second.wait(400)) == (0, 0), first.output[-2000:] + second.output[-2000:]
     trials = study(tmp_path).trials
     finished = [t for t in trials if t.state in FINISHED]
-    assert 3 <= len(finished) <= 4  # a worker may finish the one it had started when the other reached 3
+    assert 2 <= len(finished) <= 3  # a worker may finish the one it had started when the other reached 2
     assert len({t.user_attrs["worker"] for t in finished}) == 2
     assert len({t.number for t in trials}) == len(trials)
-    # three startup trials are never pruned, so there are complete ones enough to rank the parameters
+    # startup trials are never pruned, so there are complete ones enough to rank the parameters
     assert (tmp_path / "search" / "space" / "importances.png").stat().st_size > 0
 
 

@@ -258,10 +258,12 @@ def test_tuners_refuse_bad_ranges(fashion_dir):
 @pytest.mark.slow
 def test_compare_with_seeds_gives_spread_intervals_and_a_test(tmp_path, fashion_dir):
     experiment = tiny_experiment(tmp_path, fashion_dir)
+    (experiment / "broken.yaml").write_text("data:\n  batch_size: many\n")
     logs = tmp_path / "logs"
     args = ["compare", str(experiment), f"--logs={logs}", "--seeds=2", "--", *TINY, "--trainer.max_epochs=2"]
     result = forked(args, tmp_path / "compare.log")
-    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.returncode == 1, result.stdout[-3000:]  # a variant failed: a row that says so, and why
+    assert "tiny/broken/seed_0: FAILED, variant broken/seed_0 would not start: " in result.stdout
     for variant in ("mlp", "linear"):
         seeds = sorted(p.name for p in (logs / "tiny" / variant).iterdir() if p.is_dir())
         assert seeds == ["seed_0", "seed_1"]
@@ -270,6 +272,10 @@ def test_compare_with_seeds_gives_spread_intervals_and_a_test(tmp_path, fashion_
         assert [c["seed_everything"] for c in configs] == [0, 1]
     with open(logs / "tiny" / "comparison.csv") as f:
         rows = {row["run"]: row for row in csv.DictReader(f)}
+    broken = rows.pop("broken")
+    assert broken["status"].startswith("failed, variant broken/seed_0 would not start: ") and "many" in broken["status"]
+    assert broken["seeds ok"] == "0"
+    assert "| broken | failed, variant broken" in (logs / "tiny" / "comparison.md").read_text()
     for row in rows.values():
         mean, sd = map(float, row["test acc"].split(" +- "))
         low, high = map(float, row["test acc 95% CI"].strip("[]").split(", "))
