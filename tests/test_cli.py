@@ -196,6 +196,10 @@ def test_every_optimizer_and_scheduler_preset_builds_and_steps(tmp_path, fashion
             "--trainer.max_epochs=2",
             "--trainer.limit_train_batches=3",
             "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.logger=false",  # the optimizer and its schedule are the subject, not the report
+            f"--trainer.default_root_dir={tmp_path / 'logs'}",
         )
     )
     spec = _arguments(yaml.safe_load(preset.read_text())["model"])
