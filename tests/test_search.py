@@ -65,6 +65,17 @@ def test_grid_search_trains_what_it_samples_prunes_and_writes_a_best_yaml(tmp_pa
     for name in ("trials.md", "trials.csv", "history.png", "best.yaml"):
         assert (directory / name).stat().st_size > 0, name
     assert "| PRUNED |" in (directory / "trials.md").read_text()
+    # beside the importances, which can rank last a choice that decides the result: each choice's complete trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    listed = (directory / "trials.md").read_text().splitlines()
+    for name in ("configs/optimizers/adamw.yaml", "configs/optimizers/sgd_nesterov.yaml"):
+        values = [t.value for t in complete if t.params["optimizer"] == name]
+        line = f"- optimizer = {name}: {len(values)} complete trials"
+        if values:
+            assert f"{line}, best {max(values):.4f}, mean {sum(values) / len(values):.4f}" in listed
+        else:  # a choice whose trials were all pruned has no best to show
+            assert not any(row.startswith(f"- optimizer = {name}:") for row in listed)
+    assert not any(row.startswith("- model.optimizer.init_args.lr = 1e-07") for row in listed)  # pruned, always
 
     # best.yaml is a whole config, with the best trial's values, that fit takes as it is
     config = yaml.safe_load((directory / "best.yaml").read_text())

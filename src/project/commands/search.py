@@ -195,7 +195,7 @@ def choices(study: optuna.Study, space: dict) -> list[str]:
                 best = max(values) if maximize else min(values)
                 lines.append(f"- {key} = {choice}: {len(values)} complete trials, best {best:.4f}, mean "
                              f"{sum(values) / len(values):.4f}")  # fmt: skip
-    return ["Categorical choices (what importances.png cannot show of them):", *lines] if lines else []
+    return lines
 
 
 def write_reports(study: optuna.Study, space: dict, space_file: Path, base: list[str], directory: Path, monitor: str):
@@ -217,7 +217,8 @@ def write_reports(study: optuna.Study, space: dict, space_file: Path, base: list
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     table += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |" for r in rows]
     categorical = choices(study, space)
-    table += ["", *categorical]
+    if categorical:
+        table += ["", "Categorical choices (what importances.png cannot show of them):", *categorical]
     (directory / "trials.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
@@ -231,8 +232,8 @@ def write_reports(study: optuna.Study, space: dict, space_file: Path, base: list
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
         ax = plots.plot_param_importances(study, evaluator=evaluator)
         if categorical:  # beside the bars, which can rank a choice that decides the result last
-            ax.figure.text(0.01, -0.02, "\n".join(categorical).replace("importances.png", "these bars"),
-                           va="top", fontsize=8)  # fmt: skip
+            caption = ["Categorical choices (what these bars cannot show of them):", *categorical]
+            ax.figure.text(0.01, -0.02, "\n".join(caption), va="top", fontsize=8)
         ax.figure.savefig(directory / "importances.png", dpi=90, bbox_inches="tight")
     except (RuntimeError, ValueError) as err:  # too few finished trials, or a space of one point
         print(f"No parameter importances yet: {err}")
