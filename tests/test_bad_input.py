@@ -231,8 +231,9 @@ def test_a_bad_gz_in_the_data_folder_is_named_and_the_fix_works(tmp_path, fashio
     message = one_paragraph(invoke(args), 1)
     assert f"{gz} is not a complete gzip file" in message and "Delete it and run again" in message
     assert not list(raw.glob(".*.tmp"))  # nothing half-written left behind
-    gz.unlink()  # as the message says: then the Debian copy is used
-    assert invoke(args).returncode == 0
+    if content == "truncated":  # the remedy, once: as the message says, then the Debian copy is used
+        gz.unlink()
+        assert invoke(args).returncode == 0
 
 
 def test_a_corrupt_file_names_its_gz_too(tmp_path, fashion_dir):
