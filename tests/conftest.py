@@ -1,4 +1,5 @@
 import contextlib
+import gc
 import hashlib
 import io
 import multiprocessing
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS = {"OMP_NUM_THREADS": "1"}
 torch.set_num_threads(1)
 os.environ.update(THREADS)  # and in every process a test starts, by whatever route
+gc.freeze()  # torch's and Lightning's objects for good: the collector stops rescanning them in every test
 # a short run on the CPU (the tests check CPU semantics; GPU tests say so): few batches, no progress bar or summary
 TINY = [
     "--trainer.accelerator=cpu",

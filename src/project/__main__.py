@@ -5,6 +5,7 @@ loading torch. Errors a user can fix (:class:`~project.errors.ProjectError`) end
 and the error's exit code, whichever command raised them.
 """
 
+import gc
 import importlib
 import signal
 import sys
@@ -62,7 +63,11 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet()
     try:
-        importlib.import_module(f"project.{COMMANDS[command][0]}").main(argv)
+        run = importlib.import_module(f"project.{COMMANDS[command][0]}").main
+        # torch's, Lightning's and jsonargparse's objects live as long as the process: the collector's full passes
+        # stop rescanning them (5% of a short run's time)
+        gc.freeze()
+        run(argv)
     except ProjectError as err:
         if str(err):  # empty from the processes of a DDP run other than the first, which has said it
             print(f"{err.label}{err}", file=sys.stderr)
