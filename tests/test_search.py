@@ -148,7 +148,8 @@ def test_kill_9_loses_only_the_running_trial_and_the_same_command_continues(tmp_
 
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(tmp_path, fashion_dir):
-    args = search_args(tmp_path, fashion_dir, SPACE, 2)
+    # and trials without a logger: a run that keeps its directory in trainer.default_root_dir goes into the study's
+    args = [*search_args(tmp_path, fashion_dir, SPACE, 2), "--trainer.logger=false"]
     # started together: both create the new study's storage at the same moment
     first, second = Child(args, tmp_path / "first.log"), Child(args, tmp_path / "second.log")
     assert (first.wait(400), second.wait(400)) == (0, 0), first.output[-2000:] + second.output[-2000:]
@@ -157,6 +158,9 @@ def test_two_workers_share_one_sqlite_study(tmp_path, fashion_dir):
     assert 2 <= len(finished) <= 3  # a worker may finish the one it had started when the other reached 2
     assert len({t.user_attrs["worker"] for t in finished}) == 2
     assert len({t.number for t in trials}) == len(trials)
+    for trial in finished:
+        run = tmp_path / "search" / "space" / f"trial_{trial.number:03d}" / "version_0"
+        assert (run / "config.yaml").is_file() and list((run / "checkpoints").glob("*.ckpt")), run
     # startup trials are never pruned, so there are complete ones enough to rank the parameters
     assert (tmp_path / "search" / "space" / "importances.png").stat().st_size > 0
 

@@ -25,7 +25,6 @@ import copy
 import csv
 import json
 import math
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,8 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from project import runs
-from project.commands.experiments import resolve, variants
+from project.commands.experiments import placement, resolve, variants, wait_for
 from project.errors import ConfigError
 from project.runs import newest_first
 
@@ -91,6 +89,7 @@ def summarize(name: str, run_dir: Path) -> dict:
     test = [r for r in rows if r["stage"] == "test"][-1]
     val = [r["val/acc"] for r in fit]
     best = max(range(len(val)), key=val.__getitem__)
+    ran_on = environment(run_dir)
     return {
         "run": name,
         "status": "ok",
@@ -100,10 +99,10 @@ def summarize(name: str, run_dir: Path) -> dict:
         "train-val gap": round(fit[-1].get("train/acc", math.nan) - val[-1], 4),
         "epochs": len(fit),
         "wall s": round(test["seconds"], 1),
-        "params": parameters(run_dir),
+        "params": ran_on.get("parameters"),
         "curves": {label: [r.get(tag, math.nan) for r in fit] for label, tag in CURVES.items()},
         "val acc at": [(r["seconds"], r["val/acc"]) for r in fit],  # (seconds since the run began, val acc)
-        "environment": environment(run_dir),
+        "environment": ran_on,
     }
 
 
@@ -113,10 +112,6 @@ def environment(run_dir: Path) -> dict:
         return json.loads((run_dir / "run.json").read_text())["sessions"][-1]
     except (OSError, ValueError, KeyError, IndexError):
         return {}
-
-
-def parameters(run_dir: Path) -> int | None:
-    return environment(run_dir).get("parameters")
 
 
 def to_target(row: dict, target: float) -> tuple[float, float]:
@@ -162,30 +157,12 @@ def welch(a: list[float], b: list[float]) -> float:
     return t_tail((statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb), df)
 
 
-def placement(config: dict, directory: Path, name: str) -> list[str]:
-    """The arguments that put a variant's run in ``directory/name/``: its logger's save_dir and name, where its logger
-    keeps runs as ``save_dir/name/version``, otherwise the trainer's default_root_dir (see :mod:`project.runs`)."""
-    logger = runs.first_logger(config.get("trainer", {}).get("logger"))
-    if runs.versioned(logger):
-        return [f"--trainer.logger.init_args.save_dir={directory}", f"--trainer.logger.init_args.name={name}"]
-    return [f"--trainer.default_root_dir={directory / name}"]
-
-
 def train(name: str, args: list[str], save_dir: Path) -> str | None:
-    """Runs one variant's fit, its progress bar on this terminal; returns the last error line if it failed. Ctrl+C
-    reaches the fit too (it is in this terminal's process group), which stops where it can be kept: this waits for
-    it, so that the next compare resumes nothing half-written."""
+    """Runs one variant's fit, its progress bar on this terminal; returns the last error line if it failed."""
     log = save_dir / f"{name}.stderr.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as err:
-        child = subprocess.Popen([sys.executable, "-m", "project", "fit", *args], stderr=err)
-        try:
-            code = child.wait()
-        except KeyboardInterrupt:
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)  # in case the signal came to this process alone
-            child.wait()
-            raise
+        code = wait_for(subprocess.Popen([sys.executable, "-m", "project", "fit", *args], stderr=err))
     if code == 0:
         return None
     lines = [line for line in log.read_text().splitlines() if line.strip()]

@@ -1,9 +1,14 @@
-"""Experiment directories: ``configs/experiments/<name>/`` holds a ``base.yaml`` and one YAML per variant."""
+"""Experiment directories (``configs/experiments/<name>/`` holds a ``base.yaml`` and one YAML per variant), and what
+``compare`` and ``search`` share to run fits of their own: the config a fit would run, where its run goes, and the
+wait for it."""
 
 import contextlib
 import io
+import signal
+import subprocess
 from pathlib import Path
 
+from project import runs
 from project.errors import ConfigError
 
 
@@ -34,3 +39,25 @@ def resolve(args: list[str], what: str) -> str:
                 why = " ".join(text[text.rfind("error:") + 6 :].split()) if "error:" in text else text.strip()
                 raise ConfigError(f"{what} would not start: {why} (fit {' '.join(args)})") from None
     return out.getvalue()
+
+
+def placement(config: dict, directory: Path, name: str) -> list[str]:
+    """The arguments that put the run of a fit of ``config`` (a resolved config) in ``directory/name/``: its logger's
+    save_dir and name, where its logger keeps runs as ``save_dir/name/version``, otherwise the trainer's
+    default_root_dir (see :mod:`project.runs`). They go last, after the user's own arguments."""
+    logger = runs.first_logger(config.get("trainer", {}).get("logger"))
+    if runs.versioned(logger):
+        return [f"--trainer.logger.init_args.save_dir={directory}", f"--trainer.logger.init_args.name={name}"]
+    return [f"--trainer.default_root_dir={directory / name}"]
+
+
+def wait_for(child: subprocess.Popen) -> int:
+    """The exit code of a fit started in this terminal. Ctrl+C reaches the fit too (it is in this terminal's process
+    group), which stops where it can be kept: this waits for it, so that a rerun resumes nothing half-written."""
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)  # in case the signal came to this process alone
+        child.wait()
+        raise

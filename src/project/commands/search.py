@@ -45,7 +45,7 @@ import optuna
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from project.commands.experiments import resolve
+from project.commands.experiments import placement, resolve, wait_for
 from project.configs import DEFAULT_CONFIG
 from project.errors import ConfigError, ProjectError
 
@@ -283,6 +283,8 @@ def run_search(args: argparse.Namespace, extra: list[str]) -> None:
                           "all train the value given there. Remove it from one of the two.")  # fmt: skip
     base = [f"--config={c}" for c in args.config]
     check_space(space, args.space, base)
+    # where a trial's run goes depends on the logger the trials have (one of the arguments after -- may change it)
+    trials = yaml.safe_load(resolve([*base, *extra], "a trial"))
     name = args.study or args.space.stem
     directory = args.logs / name
     directory.mkdir(parents=True, exist_ok=True)
@@ -311,20 +313,15 @@ def run_search(args: argparse.Namespace, extra: list[str]) -> None:
             "storage": url, "study": name, "trial_id": trial._trial_id, "monitor": args.monitor,
             "startup_trials": args.startup_trials, "warmup_epochs": args.warmup_epochs}}  # fmt: skip
         command = [sys.executable, "-m", "project", "fit", *base, *config_args(trial.params, space, args.space),
-                   f"--trainer.logger.init_args.save_dir={directory}", f"--trainer.logger.init_args.name={run_name}",
-                   f"--trainer.callbacks+={json.dumps(report)}", *extra]  # fmt: skip
+                   f"--trainer.callbacks+={json.dumps(report)}", *extra,
+                   *placement(trials, directory, run_name)]  # fmt: skip
         shown = ", ".join(f"{k}={v}" for k, v in trial.params.items())
         print(f"trial {trial.number} ({shown}): training", flush=True)
         start = time.monotonic()
         with open(directory / f"{run_name}.log", "w") as log:
-            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-            try:
-                code = child.wait()
-            except KeyboardInterrupt:  # Ctrl+C reaches the trial too (this terminal's process group): it saves, then
-                if child.poll() is None:  # both stop
-                    child.send_signal(signal.SIGINT)
-                child.wait()
-                raise
+            code = wait_for(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            )
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         value = best_value(frozen, maximize)
         took = f"{time.monotonic() - start:.0f} s"
