@@ -110,17 +110,18 @@ class TensorBoardReport(Callback):
         self.misclassified = misclassified
 
     @staticmethod
-    def _writer(trainer: Trainer):
-        """The SummaryWriter of the run's TensorBoard logger, wherever it is in the list of loggers (rank 0 only)."""
+    def _logger(trainer: Trainer) -> TensorBoardLogger | None:
+        """The run's TensorBoard logger, wherever it is in the list of loggers (rank 0 only)."""
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        return logger.experiment if logger is not None and trainer.is_global_zero else None
+        return logger if trainer.is_global_zero else None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         resumed = (
             trainer.ckpt_path and Path(trainer.ckpt_path).resolve().parents[1] == runs.directory(trainer).resolve()
         )
-        if (writer := self._writer(trainer)) is None or resumed:  # a resumed run has its report already
+        if (logger := self._logger(trainer)) is None or resumed:  # a resumed run has its report already
             return
+        writer = logger.experiment
         summary = ModelSummary(pl_module, max_depth=-1)
         rows = [
             f"| {name} | {kind} | {params:,} | {shape_in} | {shape_out} |"
@@ -165,8 +166,9 @@ class TensorBoardReport(Callback):
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         matrix = self.confusion.compute().cpu()  # synced over DDP ranks: every rank takes part
-        if (writer := self._writer(trainer)) is None:
+        if (logger := self._logger(trainer)) is None:
             return
+        writer = logger.experiment
         classes = pl_module.hparams.classes
         step = trainer.global_step
         writer.add_figure("test/confusion_matrix", _confusion_figure(matrix, classes), step)
@@ -176,7 +178,6 @@ class TensorBoardReport(Callback):
         best = pl_module.val_acc_best.max_value.item()  # the state itself: compute() warns after a checkpoint load
         if best > float("-inf"):  # not for a test of a checkpoint that never validated
             metrics["val/acc_best"] = best
-        logger = next(lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger))
         logger.log_hyperparams({**pl_module.hparams, **getattr(trainer.datamodule, "hparams", {})}, metrics)
 
 
