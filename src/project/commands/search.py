@@ -230,7 +230,11 @@ def write_reports(study: optuna.Study, space: dict, space_file: Path, base: list
     plots.plot_optimization_history(study).figure.savefig(directory / "history.png", dpi=90, bbox_inches="tight")
     try:
         evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-        ax = plots.plot_param_importances(study, evaluator=evaluator)
+        with warnings.catch_warnings(record=True) as said:  # Optuna's warning, with its source line, as one note
+            warnings.simplefilter("always", UserWarning)
+            ax = plots.plot_param_importances(study, evaluator=evaluator)
+        for warning in said:
+            print(f"note: importances.png: {warning.message}")
         if categorical:  # beside the bars, which can rank a choice that decides the result last
             caption = ["Categorical choices (what these bars cannot show of them):", *categorical]
             ax.figure.text(0.01, -0.02, "\n".join(caption), va="top", fontsize=8)
