@@ -4,11 +4,14 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import Accuracy, F1Score
 
+from project import finetune
 from project.errors import ConfigError, DataError
 
 # Built by jsonargparse from a config's class_path + init_args; the first arguments come from the data.
@@ -99,6 +102,12 @@ class ImageClassifier(LightningModule):
     class. ``tta`` averages the logits of ``test`` and ``predict`` over the image and its mirror image (``flip``), and
     also the image moved one pixel up-left and down-right (``flip_translate``).
     ``channels_last`` and ``compile`` (``torch.compile``) are speed options for GPUs; precision is a Trainer flag.
+    Fine-tuning (:mod:`project.finetune`): ``init_from`` a run directory or checkpoint of yours loads its net's
+    weights and normalisation where names and shapes match (a head for other classes starts fresh); a net with
+    ``pretrained_stats`` (a pretrained :class:`~project.models.Backbone`) normalises with them instead of the data's.
+    ``freeze_epochs`` trains only the head for that many epochs (``train_bn``: the body's BatchNorm layers learn
+    meanwhile); the body's rate is the optimizer's times ``body_lr_scale``, and times ``layer_decay`` per layer below
+    the head; ``norm_bias_decay`` false exempts norms and biases from weight decay.
     Arguments without a default here take theirs from ``configs/default.yaml``.
     """
 
@@ -115,11 +124,20 @@ class ImageClassifier(LightningModule):
         compile: bool = False,
         label_smoothing: float = 0.0,
         tta: Literal["none", "flip", "flip_translate"] = "none",
+        init_from: str | None = None,
+        freeze_epochs: int = 0,
+        train_bn: bool = True,
+        body_lr_scale: float = 1.0,
+        layer_decay: float | None = None,
+        norm_bias_decay: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
         if not 0 <= label_smoothing < 1:
             raise ConfigError(f"model.label_smoothing={label_smoothing}: give a value in [0, 1).")
+        if freeze_epochs < 0 or body_lr_scale < 0 or not 0 < (layer_decay or 1) <= 1:
+            raise ConfigError(f"model.freeze_epochs={freeze_epochs} and model.body_lr_scale={body_lr_scale} cannot be "
+                              f"negative; model.layer_decay={layer_decay} is a factor in (0, 1].")  # fmt: skip
         num_classes = len(classes)
         if num_classes < 2:
             raise ConfigError(f"model.classes={list(classes)}: classification needs two or more classes.")
@@ -127,6 +145,8 @@ class ImageClassifier(LightningModule):
         outputs = 1 if self.binary else num_classes
         self.normalize = Normalize(in_shape[0])
         self.net = _build(net, in_shape, outputs)
+        if freeze_epochs or body_lr_scale != 1 or layer_decay is not None:
+            finetune.head_of(self.net)  # a net without a head stops here, not at the first epoch
         if channels_last:  # NHWC convolutions: faster with tensor cores (mixed precision on recent GPUs)
             self.net = self.net.to(memory_format=torch.channels_last)
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -162,10 +182,24 @@ class ImageClassifier(LightningModule):
         return len(self.hparams.classes)
 
     def setup(self, stage: str) -> None:
-        # a fresh run's statistics, from its data; a resumed run's come back from its checkpoint right after
+        # a fresh run's statistics: those of the pretrained weights, or else its data's; a resumed run's come back from
+        # its checkpoint right after, as do its weights (so init_from is for a run's start only)
         data = self.trainer.datamodule if self._trainer is not None else None
-        if stage == "fit" and getattr(data, "mean", None) is not None and getattr(data, "std", None) is not None:
-            self.normalize.set(data.mean, data.std)
+        stats = getattr(self.net, "pretrained_stats", None)
+        if stats is None and getattr(data, "mean", None) is not None and getattr(data, "std", None) is not None:
+            stats = data.mean, data.std
+        if stage == "fit" and stats is not None:
+            self.normalize.set(*stats)
+        if self.hparams.init_from and self._trainer is not None and not self.trainer.ckpt_path:
+            rank_zero_info(finetune.initialise(self, self.hparams.init_from))
+        if self.hparams.freeze_epochs and isinstance(getattr(self._trainer, "strategy", None), DDPStrategy):
+            # a frozen body's parameters have no gradients for DDP to reduce: DDP must look for them each step.
+            # Lightning sets it only by the strategy's name (ddp_find_unused_parameters_true) or constructor
+            self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.freeze_epochs:
+            finetune.freeze(self.net, self.current_epoch < self.hparams.freeze_epochs, self.hparams.train_bn)
 
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path:  # the scheduler's state, its length included, is the checkpoint's by now
@@ -296,7 +330,10 @@ class ImageClassifier(LightningModule):
         return {"target": y, "probabilities": self.tta_logits(x).softmax(1)}
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
+        hp = self.hparams
+        groups = finetune.param_groups(self, self.net, hp.body_lr_scale, hp.layer_decay, hp.norm_bias_decay)
+        optimizer = self.optimizer(groups)
+        finetune.scale_rates(optimizer)
         if self.scheduler is None:
             return optimizer
         scheduler = self.build_scheduler(optimizer, self.trainer.estimated_stepping_batches, self.trainer.max_epochs)
