@@ -206,7 +206,7 @@ def test_every_trick_together_trains_but_two_averages(tmp_path, fashion_dir):
 
 
 @pytest.mark.slow
-def test_stacked_tricks_resume_to_the_uninterrupted_weights(tmp_path, fashion_dir):
+def test_stacked_tricks_and_fine_tuning_resume_to_the_uninterrupted_weights(tmp_path, fashion_dir):
     from test_faults import NOISY, fault, load
 
     def trained(where: Path, *extra: str) -> Path:
@@ -215,8 +215,11 @@ def test_stacked_tricks_resume_to_the_uninterrupted_weights(tmp_path, fashion_di
         assert child.wait() in (0, 143), child.output[-3000:]
         return run_dir(where)
 
-    straight = load(trained(tmp_path / "straight") / "checkpoints" / "last.ckpt")
-    stopped = trained(tmp_path / "stopped", fault(tmp_path / "stopped", "SIGTERM", "val0"))
+    # and fine-tuning's: the body frozen in epoch 0 (stopped there), unfrozen in epoch 1 (after the resume)
+    fine = ["--model.freeze_epochs=1", "--model.train_bn=false", "--model.body_lr_scale=0.3", "--model.layer_decay=0.7",
+            "--model.norm_bias_decay=false"]  # fmt: skip
+    straight = load(trained(tmp_path / "straight", *fine) / "checkpoints" / "last.ckpt")
+    stopped = trained(tmp_path / "stopped", *fine, fault(tmp_path / "stopped", "SIGTERM", "val0"))
     resumed = Child(["resume", str(stopped)], tmp_path / "resume.log")
     assert resumed.wait() == 0, resumed.output[-3000:]
     final = load(stopped / "checkpoints" / "last.ckpt")

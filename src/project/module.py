@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
@@ -191,7 +190,9 @@ class ImageClassifier(LightningModule):
         if stage == "fit" and stats is not None:
             self.normalize.set(*stats)
         if self.hparams.init_from and self._trainer is not None and not self.trainer.ckpt_path:
-            rank_zero_info(finetune.initialise(self, self.hparams.init_from))
+            line = finetune.initialise(self, self.hparams.init_from)
+            if self.global_rank == 0:
+                print(line)
         if self.hparams.freeze_epochs and isinstance(getattr(self._trainer, "strategy", None), DDPStrategy):
             # a frozen body's parameters have no gradients for DDP to reduce: DDP must look for them each step.
             # Lightning sets it only by the strategy's name (ddp_find_unused_parameters_true) or constructor

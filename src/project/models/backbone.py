@@ -104,12 +104,13 @@ def _timm(name, channels, outputs, pretrained, weights, options):
                                   pretrained_cfg_overlay=overlay, **options)  # fmt: skip
     except TypeError as err:
         raise ConfigError(f"model.net.options {options} are not arguments of timm's {name}: {err}") from None
-    except (OSError, RuntimeError, ValueError) as err:  # the Hub unreachable, or a file of another model
+    except Exception as err:  # the Hub unreachable; or a file of another model, empty, corrupt (EOFError...)
         if weights:
             raise _bad_file(weights, name, err) from None
         cfg = timm.models.get_pretrained_cfg(name)
         hub = getattr(cfg, "hf_hub_id", None)
-        where = f"the Hugging Face Hub (hf-hub:{hub}, cached under $HF_HOME)" if hub else getattr(cfg, "url", "")
+        where = (f"the Hugging Face Hub, https://huggingface.co/{hub} (cached under $HF_HOME; HF_HUB_OFFLINE=1 skips "
+                 "the retries)" if hub else getattr(cfg, "url", "") or "nowhere: timm has no weights for it")  # fmt: skip
         raise _offline("timm", name, where, err) from None
     stats = (model.pretrained_cfg["mean"], model.pretrained_cfg["std"]) if pretrained else None
     head = next(n for n, m in model.named_modules() if m is model.get_classifier())
@@ -132,7 +133,7 @@ def _torchvision(name, channels, outputs, pretrained, weights, options):
     if weights:
         try:
             model.load_state_dict(_state_dict(weights))
-        except (OSError, RuntimeError, ValueError) as err:
+        except Exception as err:  # another model's, empty, corrupt, not a state dict
             raise _bad_file(weights, name, err) from None
     head = _replace_head(model, name, outputs)
     _adapt_stem(model, channels)
