@@ -11,7 +11,8 @@ from project.data import registry
 
 
 class FashionClasses(Dataset):
-    """Fashion-MNIST's ``classes`` (indices), relabelled 0.. in the order given; ``train`` or the official test split."""
+    """Fashion-MNIST's ``classes`` (indices), relabelled 0.. in the order given; ``train`` or the official test
+    split."""
 
     def __init__(self, root: str, classes: list[int], train: bool = True, per_class: int | None = None, seed: int = 0):
         registry.prepare("fashion_mnist", root, download=True)

@@ -43,7 +43,8 @@ TINY = [
     "--data.eval_batch_size=100",
 ]
 # any attempt to reach the network fails at once: tests never download
-OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": "", "HF_HUB_OFFLINE": "1"}
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": "",
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -31,8 +31,16 @@ from project.signals import StopSignals
 
 COMMANDS = ("fit", "validate", "test", "predict")
 # the model's arguments whose state a checkpoint holds: a run that goes on from it cannot change them
-STATEFUL = {"class_path", "net", "optimizer", "scheduler", "scheduler_interval", "body_lr_scale", "layer_decay",
-            "norm_bias_decay"}
+STATEFUL = {
+    "class_path",
+    "net",
+    "optimizer",
+    "scheduler",
+    "scheduler_interval",
+    "body_lr_scale",
+    "layer_decay",
+    "norm_bias_decay",
+}
 
 # argparse would take --trainer.max_epoch (a typo) as --trainer.max_epochs; and a one-line usage instead of
 # the 100-line one argparse prints above every error

@@ -79,8 +79,8 @@ def freeze(net: nn.Module, frozen: bool, train_bn: bool) -> None:
     """The body frozen (no gradients; with ``train_bn``, its BatchNorm layers still learn and keep statistics, as
     fastai's ``train_bn``), or unfrozen; the head always trains."""
     head = {id(p) for p in head_of(net).parameters()}
-    norms = [m for m in net.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(id(p) in head for p in m.parameters())]  # fmt: skip
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in bns if not any(id(p) in head for p in m.parameters())]
     learning = {id(p) for m in norms for p in m.parameters()} if train_bn else set()
     for norm in norms:
         norm.train(not frozen or train_bn)  # in eval, its running statistics stay the pretrained ones
@@ -90,8 +90,9 @@ def freeze(net: nn.Module, frozen: bool, train_bn: bool) -> None:
 
 def initialise(module: nn.Module, source: str) -> str:
     """Loads into ``module`` the net's weights and normalisation of a run of yours (its directory: the best
-    checkpoint, else the newest; a directory of runs such as ``logs/<name>``: its newest run) or of a checkpoint file: every tensor whose name and shape match. Returns a line
-    saying what was loaded and what was not (a head sized for other classes keeps its fresh weights)."""
+    checkpoint, else the newest; a directory of runs such as ``logs/<name>``: its newest run) or of a checkpoint file:
+    every tensor whose name and shape match. Returns a line saying what was loaded and what was not (a head sized for
+    other classes keeps its fresh weights)."""
     path = Path(source)
     if path.is_dir() and not (path / "config.yaml").is_file():  # a logger's directory of runs: its newest
         path = next(iter(runs.newest_first(path)), path)

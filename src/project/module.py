@@ -4,8 +4,8 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import Accuracy, F1Score

@@ -57,7 +57,8 @@ class Backbone(nn.Module):
 
     def layer_ids(self) -> dict[str, int]:
         """Each parameter's depth from the stem (0) up, as timm groups its blocks for layer-wise learning-rate decay;
-        empty for torchvision's models, which fine-tuning then layers by their order (:func:`project.finetune.layers`)."""
+        empty for torchvision's models, which fine-tuning then layers by their order
+        (:func:`project.finetune.layers`)."""
         matcher = getattr(self.model, "group_matcher", None)
         if matcher is None:
             return {}
@@ -109,8 +110,8 @@ def _timm(name, channels, outputs, pretrained, weights, options):
             raise _bad_file(weights, name, err) from None
         cfg = timm.models.get_pretrained_cfg(name)
         hub = getattr(cfg, "hf_hub_id", None)
-        where = (f"the Hugging Face Hub, https://huggingface.co/{hub} (cached under $HF_HOME; HF_HUB_OFFLINE=1 skips "
-                 "the retries)" if hub else getattr(cfg, "url", "") or "nowhere: timm has no weights for it")  # fmt: skip
+        hub_page = f"the Hugging Face Hub, https://huggingface.co/{hub} (cached under $HF_HOME; HF_HUB_OFFLINE=1 "
+        where = hub_page + "skips the retries)" if hub else getattr(cfg, "url", "") or "nowhere: timm has none"
         raise _offline("timm", name, where, err) from None
     stats = (model.pretrained_cfg["mean"], model.pretrained_cfg["std"]) if pretrained else None
     head = next(n for n, m in model.named_modules() if m is model.get_classifier())
@@ -158,7 +159,8 @@ def _bad_file(path: str, name: str, err: Exception) -> ConfigError:
 
 
 def _replace_head(model: nn.Module, name: str, outputs: int) -> str:
-    """A new last linear layer of ``outputs``, and its name: torchvision's heads differ (fc, classifier.1, heads.head)."""
+    """A new last linear layer of ``outputs``, and its name: torchvision's heads differ (fc, classifier.1,
+    heads.head)."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
         raise ConfigError(f"torchvision's {name} has no linear head to resize: choose another model.")
