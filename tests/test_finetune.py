@@ -37,7 +37,7 @@ def test_a_timm_weights_file_loads_into_the_body_and_the_head_is_rebuilt(tmp_pat
     assert net(torch.zeros(2, 1, 28, 28, dtype=torch.float32)).shape == (2, 5)
 
 
-def test_torchvision_weights_come_from_its_hub_cache(tmp_path, monkeypatch):
+def test_torchvision_weights_come_from_its_hub_cache_or_a_file_and_train(tmp_path, monkeypatch, fashion_dir):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     weights = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT
     pretrained = torchvision.models.mobilenet_v3_small().state_dict()
@@ -52,6 +52,15 @@ def test_torchvision_weights_come_from_its_hub_cache(tmp_path, monkeypatch):
         assert torch.allclose(ours[stem], pretrained[stem].sum(1, keepdim=True) if channels == 1 else pretrained[stem])
         assert all(torch.equal(ours[k], pretrained[k]) for k in pretrained if not k.startswith(("classifier.3", stem)))
         assert net.pretrained_stats[0] == (IMAGENET[0] if channels == 3 else (sum(IMAGENET[0]) / 3,))
+    named = Backbone((3, 32, 32), 4, "mobilenet_v3_small", library="torchvision", weights=str(cached))
+    assert torch.equal(named.model.state_dict()[stem], pretrained[stem]) and named.pretrained_stats is not None
+    net = ["--model.net=project.models.Backbone", "--model.net.library=torchvision", "--model.net.pretrained=true",
+           "--model.net.name=mobilenet_v3_small", "--model.net.image_size=32"]  # fmt: skip
+    result = invoke(fit_args(tmp_path, fashion_dir, *net, "--model.freeze_epochs=1"))
+    assert result.returncode == 0, result.stderr
+    trained = torch.load(next(tmp_path.glob("logs/*/version_0/checkpoints/last.ckpt")), weights_only=True)
+    assert trained["state_dict"]["net.model.classifier.3.weight"].shape == (10, 1024)
+    assert torch.equal(trained["state_dict"]["normalize.mean"], torch.tensor([sum(IMAGENET[0]) / 3]))
 
 
 def test_offline_without_a_file_says_where_the_weights_come_from(tmp_path, monkeypatch):
