@@ -80,8 +80,19 @@ def test_offline_without_a_file_says_where_the_weights_come_from(tmp_path, monke
             Backbone((3, 32, 32), 2, "resnet18", library=library, weights=str(empty))
     wrong = tmp_path / "wrong.pth"
     torch.save(torchvision.models.mobilenet_v3_small().state_dict(), wrong)
-    with pytest.raises(ConfigError, match="cannot be loaded into resnet18: Error"):
+    with pytest.raises(ConfigError, match=r"cannot be loaded into resnet18: Error.* Missing key.*: \"conv1.weight\""):
         Backbone((3, 32, 32), 2, "resnet18", library="torchvision", weights=str(wrong))
+    with pytest.raises(ConfigError, match=f"model.net.weights {tmp_path}: a directory"):
+        Backbone((3, 32, 32), 2, "resnet18", weights=str(tmp_path))
+    # from the command line: the backbone's own message, one paragraph, exit 2
+    cases = {"--model.net.name=resnt18": "is not a timm model. Did you mean resnet18",
+             "--model.net.library=timmm": "choose timm or torchvision",
+             "--model.layer_decay=0": "layer_decay=0.0: give a factor"}  # fmt: skip
+    for flag, message in cases.items():
+        flags = [flag] if "name" in flag else ["--model.net.name=resnet18", flag]
+        result = invoke(["fit", "--model.net=project.models.Backbone", *flags])
+        assert result.returncode == 2 and message in result.stderr and "larger images" not in result.stderr, flags
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 class Probe(Callback):
@@ -133,7 +144,8 @@ def test_the_body_is_frozen_then_unfrozen_in_its_parameter_groups_and_exports(tm
 def test_init_from_a_run_loads_the_body_and_rebuilds_a_head_for_other_classes(tmp_path, fashion_dir):
     assert invoke(fit_args(tmp_path, fashion_dir)).returncode == 0
     run = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0"
-    source = torch.load(next((run / "checkpoints").glob("best-*.ckpt")), weights_only=True)["state_dict"]
+    checkpoint = torch.load(next((run / "checkpoints").glob("best-*.ckpt")), weights_only=True)
+    source = checkpoint["state_dict"]
     model = ImageClassifier(net=ConvNet, optimizer=torch.optim.SGD, scheduler=None, scheduler_interval="step",
                             in_shape=(1, 28, 28), classes=["a", "b", "c"], channels_last=False)  # fmt: skip
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
@@ -141,16 +153,32 @@ def test_init_from_a_run_loads_the_body_and_rebuilds_a_head_for_other_classes(tm
         line = finetune.initialise(model, str(given))
         assert re.fullmatch(r"model.init_from .*best-epoch000.ckpt: loaded 20 of 22 tensors; not loaded, trained from "
                             r"their fresh values: net.head.1.weight \(3, 576\) \(it has \(10, 576\)\), net.head.1.bias "
-                            r"\(3,\) \(it has \(10,\)\).", line)  # fmt: skip
+                            r"\(3,\) \(it has \(10,\)\) \(a new head: the run's classes were T-shirt/top, .*, Boot; "
+                            r"these are a, b, c\).", line)  # fmt: skip
     ours = model.state_dict()
     assert all(torch.equal(ours[k], source[k]) for k in ours if k.startswith(("net.features", "normalize")))
     assert all(torch.equal(ours[k], fresh[k]) for k in ("net.head.1.weight", "net.head.1.bias"))
+    # as many classes, other ones: a new head all the same; the same classes: the head too
+    names = checkpoint["hyper_parameters"]["classes"]
+    for classes, loaded in ((list("abcdefghij"), "loaded 20 of 22"), (names, "loaded 22 of 22 tensors.")):
+        ten = ImageClassifier(net=ConvNet, optimizer=torch.optim.SGD, scheduler=None, scheduler_interval="step",
+                              in_shape=(1, 28, 28), classes=classes, channels_last=False)  # fmt: skip
+        assert loaded in finetune.initialise(ten, str(run))
     with pytest.raises(ConfigError, match="holds no checkpoint"):
         finetune.initialise(model, str(tmp_path))
+    with pytest.raises(ConfigError, match="no such run directory or checkpoint file"):
+        finetune.initialise(model, str(tmp_path / "nowhere"))
     # from the command line, into a binary task: the message, and a run that trains
     result = invoke(fit_args(tmp_path / "b", fashion_dir, f"--model.init_from={run}", "--data.positive_class=0"))
     assert result.returncode == 0, result.stderr
-    assert "loaded 20 of 22 tensors; not loaded" in result.stdout + result.stderr
+    assert result.stdout.count("loaded 20 of 22 tensors; not loaded") == 1  # not again for the test after fit
+    # the source is read when the run starts only: its later commands do without it
+    run.rename(tmp_path / "moved")
+    binary = tmp_path / "b" / "logs" / "fashion_mnist_cnn" / "version_0"
+    for command in (["test", f"--config={binary / 'config.yaml'}", "--ckpt_path=last"],
+                    ["resume", str(binary)]):  # fmt: skip
+        result = invoke(command)
+        assert result.returncode == 0 and "init_from" not in result.stdout + result.stderr, result.stderr
 
 
 def test_a_net_without_a_head_cannot_be_frozen():

@@ -78,6 +78,9 @@ def test_every_promise_of_a_run_holds_for_every_logger(here, fashion_dir, logger
     # the newest run's best checkpoint, evaluated into a directory of its own inside the run
     ok(invoke(["test", *base(here, fashion_dir, *chosen), "--ckpt_path=best"]))
     assert (run / "test_0" / "config.yaml").is_file() and not (root / "version_2").exists()
+    if len(versions) == 2:  # and with the older run's own config, that run's best
+        ok(invoke(["test", f"--config={root / 'version_0' / 'config.yaml'}", "--ckpt_path=best"]))
+        assert (root / "version_0" / "test_0").is_dir() and not (run / "test_1").exists()
     # resumed into the same directory, with a flag it honours and records
     ok(invoke(["resume", str(run), "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"]))
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
@@ -159,3 +162,9 @@ def test_the_newest_run_is_the_one_trained_last_whatever_its_name(here, fashion_
     # "final" trained last: its last checkpoint is the one tested, whatever the digits in version_0 say
     assert (here / "logs" / "fashion_mnist_cnn" / "final" / "test_0").is_dir()
     assert not (here / "logs" / "fashion_mnist_cnn" / "version_0" / "test_0").exists()
+    # with a run's own config, last is that run's, not the newest run's
+    config = here / "logs" / "fashion_mnist_cnn" / "version_0" / "config.yaml"
+    ok(invoke(["test", f"--config={config}", "--ckpt_path=last"]))
+    assert (config.parent / "test_0").is_dir() and not (
+        here / "logs" / "fashion_mnist_cnn" / "final" / "test_1"
+    ).exists()

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, TINY, Child, invoke
 
+from project.commands.experiments import resolve
 from project.commands.search import config_args, load_space
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -223,3 +224,13 @@ def test_config_files_in_a_space_are_found_from_any_directory(tmp_path, monkeypa
     assert files and all(Path(f).is_file() for f in files)
     # the chosen files first: a file's values never override a sampled key
     assert args.index(f"--config={files[0]}") < min(i for i, a in enumerate(args) if not a.startswith("--config="))
+
+
+def test_a_sampled_string_reaches_the_trial_as_that_string(tmp_path):
+    # a str argument inside a class's init_args (a backbone's name): without its JSON quotes
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("model.net.init_args.name: {choices: [resnet10t, resnet14t]}\n")
+    space = load_space(space_file)
+    args = config_args({"model.net.init_args.name": "resnet14t"}, space, space_file)
+    resolved = yaml.safe_load(resolve(["--model.net=project.models.Backbone", *args], "trial 0"))
+    assert resolved["model"]["init_args"]["net"]["init_args"]["name"] == "resnet14t"

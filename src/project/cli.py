@@ -220,9 +220,11 @@ class CLI(LightningCLI):
         run = None
         # resolved here, before LightningCLI reads the model's hyperparameters from the checkpoint
         if config.get("ckpt_path"):
-            # best or last of the newest run: where it was trained on other data, check_fits names the run that was not
-            self.newest = (config.ckpt_path, root) if config.ckpt_path in ("best", "last") else None
-            path = runs.resolve(config.ckpt_path, root)
+            # best or last of the run the config names (--config RUN/config.yaml), or else of the newest run: where
+            # that was trained on other data, check_fits names the run that was not
+            named = runs.named_run(logger, root) if config.ckpt_path in ("best", "last") else None
+            self.newest = (config.ckpt_path, root) if config.ckpt_path in ("best", "last") and not named else None
+            path = runs.resolve(config.ckpt_path, root, named)
             # a file that is no checkpoint is named here, before LightningCLI reads the hyperparameters in it
             self.checkpoint = read_checkpoint(path)
             config.ckpt_path = str(path)
@@ -322,6 +324,8 @@ class CLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         check_model(self.model)
+        if self.save_config_kwargs.get("resumed") and hasattr(self.model, "resuming"):
+            self.model.resuming = True  # its weights come from the checkpoint: not from model.init_from
         runs.adopt(self.trainer)
         if getattr(self, "checkpoint", None) is not None:
             config = self.config[self.subcommand] if self.subcommand else self.config

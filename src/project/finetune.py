@@ -103,16 +103,34 @@ def initialise(module: nn.Module, source: str) -> str:
             path = runs.newest_checkpoint(runs.checkpoints_of(path)) or path
     if path.is_dir():
         raise ConfigError(f"model.init_from {source}: the directory holds no checkpoint; give a run that has trained.")
+    if not path.exists():
+        raise ConfigError(f"model.init_from {source}: no such run directory or checkpoint file.")
     try:
-        theirs = runs.read_checkpoint(path)["state_dict"]
+        checkpoint = runs.read_checkpoint(path)
     except ConfigError as err:
         raise ConfigError(f"model.init_from: {err}") from None
+    theirs = checkpoint["state_dict"]
     ours = {k: v for k, v in module.state_dict().items() if k.startswith(("net.", "normalize."))}
-    taken = {k: v for k, v in theirs.items() if k in ours and tuple(v.shape) == tuple(ours[k].shape)}
+    # a head for other classes starts afresh, even where their number is the same
+    classes = checkpoint.get("hyper_parameters", {}).get("classes")
+    new_head = set()
+    if classes is not None and list(classes) != list(module.hparams.classes):
+        try:
+            head = {id(p) for p in head_of(module.net).parameters()}
+            new_head = {f"net.{n}" for n, p in module.net.named_parameters() if id(p) in head}
+        except ConfigError:  # no head to tell: the shapes decide
+            pass
+    taken = {k: v for k, v in theirs.items()
+             if k in ours and k not in new_head and tuple(v.shape) == tuple(ours[k].shape)}  # fmt: skip
     if not taken:
         raise ConfigError(f"model.init_from {path}: none of its tensors fits this model's net (another architecture?).")
     module.load_state_dict(taken, strict=False)
     left = [f"{k} {tuple(ours[k].shape)}" + (f" (it has {tuple(theirs[k].shape)})" if k in theirs else "")
             for k in ours if k not in taken]  # fmt: skip
     line = f"model.init_from {path}: loaded {len(taken)} of {len(ours)} tensors"
-    return line + (f"; not loaded, trained from their fresh values: {', '.join(left)}." if left else ".")
+    if left:
+        line += f"; not loaded, trained from their fresh values: {', '.join(left)}"
+    if new_head:
+        line += (f" (a new head: the run's classes were {', '.join(map(str, classes))}; these are "
+                 f"{', '.join(map(str, module.hparams.classes))})")  # fmt: skip
+    return line + "."

@@ -134,9 +134,11 @@ class ImageClassifier(LightningModule):
         self.save_hyperparameters()
         if not 0 <= label_smoothing < 1:
             raise ConfigError(f"model.label_smoothing={label_smoothing}: give a value in [0, 1).")
-        if freeze_epochs < 0 or body_lr_scale < 0 or not 0 < (layer_decay or 1) <= 1:
-            raise ConfigError(f"model.freeze_epochs={freeze_epochs} and model.body_lr_scale={body_lr_scale} cannot be "
-                              f"negative; model.layer_decay={layer_decay} is a factor in (0, 1].")  # fmt: skip
+        for key, value in (("freeze_epochs", freeze_epochs), ("body_lr_scale", body_lr_scale)):
+            if value < 0:
+                raise ConfigError(f"model.{key}={value} cannot be negative.")
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ConfigError(f"model.layer_decay={layer_decay}: give a factor in (0, 1] (or null for none).")
         num_classes = len(classes)
         if num_classes < 2:
             raise ConfigError(f"model.classes={list(classes)}: classification needs two or more classes.")
@@ -149,6 +151,9 @@ class ImageClassifier(LightningModule):
         if channels_last:  # NHWC convolutions: faster with tensor cores (mixed precision on recent GPUs)
             self.net = self.net.to(memory_format=torch.channels_last)
         self.optimizer, self.scheduler = optimizer, scheduler
+        # set by whoever fits it from a checkpoint (the CLI's resume): the checkpoint's weights replace init_from's,
+        # whose source need not exist any more. Lightning names the checkpoint only after setup
+        self.resuming = False
         self.example_input_array = torch.zeros(2, *in_shape)
 
         # no argument checks: the binary ones read the labels back every step (a GPU sync); the data module has
@@ -189,7 +194,7 @@ class ImageClassifier(LightningModule):
             stats = data.mean, data.std
         if stage == "fit" and stats is not None:
             self.normalize.set(*stats)
-        if self.hparams.init_from and self._trainer is not None and not self.trainer.ckpt_path:
+        if stage == "fit" and self.hparams.init_from and not self.resuming:
             line = finetune.initialise(self, self.hparams.init_from)
             if self.global_rank == 0:
                 print(line)
@@ -377,6 +382,8 @@ def _build(net: NetFactory, in_shape: tuple[int, int, int], outputs: int) -> nn.
     name = f"{cls.__module__}.{cls.__qualname__}" if hasattr(cls, "__qualname__") else repr(cls)
     try:
         module = net(in_shape, outputs)
+    except ConfigError:  # the net's own message (a backbone's weights, names)
+        raise
     except TypeError as err:
         raise ConfigError(
             f"model.net {name} cannot be built as {name}(in_shape={tuple(in_shape)}, num_outputs={outputs}): {err}. A "

@@ -24,6 +24,9 @@ WARNINGS = (
     # validate/test/predict restore the checkpoint callback into <run>/<command>_<k>, where they save nothing (a resumed
     # run that moved keeps its state: checkpoint.ModelCheckpoint.load_state_dict) (Lightning 2.6, since its PR 12045)
     "The dirpath has changed from",
+    # DDP is asked to look for parameters without gradients while a body is frozen (project.finetune); once it is
+    # unfrozen there are none, as planned (torch 2.14's reducer)
+    ".*find_unused_parameters=True was specified in DDP constructor",
 )
 # an advert for Lightning's cloud logger (Lightning 2.6.1, its PR 21430; issue 21294 asks for a switch), and a note that
 # the configured model summary replaces Lightning's default one

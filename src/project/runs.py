@@ -207,10 +207,22 @@ def checkpoint(run: Path, which: str) -> Path:
     return directory / best.name
 
 
-def resolve(which: str, root: Path | None) -> Path:
-    """A checkpoint file from ``last`` / ``best`` (of the newest run under ``root``) or a path."""
+def named_run(logger, root: Path) -> Path | None:
+    """The run a config names, where it exists: its versioned logger's ``version`` (a run's own ``config.yaml`` names
+    it), or ``root`` itself when that is a run directory (a run without such a logger)."""
+    version = logger.init_args.get("version") if versioned(logger) else None
+    for run in ([root / str(version)] if version is not None else []) + [root]:
+        if (run / "config.yaml").is_file():
+            return run
+    return None
+
+
+def resolve(which: str, root: Path | None, run: Path | None = None) -> Path:
+    """A checkpoint file from ``last`` / ``best`` (of ``run``, or else the newest run under ``root``) or a path."""
     if which not in ("last", "best"):
         return Path(which)
+    if run is not None:
+        return checkpoint(run, which)
     found = newest_first(root) if root else []
     if not found:
         raise ConfigError(

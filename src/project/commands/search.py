@@ -159,7 +159,9 @@ def config_args(params: dict, space: dict[str, dict], space_file: Path) -> list[
     """A trial's parameters as ``fit`` arguments: the chosen config files first, then ``--KEY=VALUE`` for the rest, so
     that a file's values never override a sampled one."""
     files = [f"--config={config_file(v, space_file)}" for k, v in params.items() if "configs" in space[k]]
-    return files + [f"--{k}={json.dumps(v)}" for k, v in params.items() if "configs" not in space[k]]
+    # a string as it is: jsonargparse keeps the quotes of a JSON string given for a str inside a class's init_args
+    return files + [f"--{k}={v if isinstance(v, str) else json.dumps(v)}"
+                    for k, v in params.items() if "configs" not in space[k]]  # fmt: skip
 
 
 def check_space(space: dict[str, dict], space_file: Path, base: list[str]) -> None:

@@ -1,7 +1,7 @@
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,8 @@ class Backbone(nn.Module):
     ``pretrained`` loads the library's own weights: timm's from the Hugging Face Hub (cached under
     ``$HF_HOME``), torchvision's from download.pytorch.org (cached as ``$TORCH_HOME/hub/checkpoints/<file>``).
     ``weights`` is a local file of them instead (a state dict, ``.pth`` or ``.safetensors``: for timm, its
-    pretrained-file override). Pretrained, the net carries the mean and std its weights were trained with
-    (:attr:`pretrained_stats`), which the classifier normalises with in place of the data's.
+    pretrained-file override), loaded whatever ``pretrained`` says. Pretrained, the net carries the mean and std its
+    weights were trained with (:attr:`pretrained_stats`), which the classifier normalises with in place of the data's.
 
     ``image_size`` resizes each batch (bilinear, on the device, inside the net: predict and export resize as training
     did) to the size the weights want; None keeps the data's size. ``options`` go to the model's constructor (timm's
@@ -31,7 +31,7 @@ class Backbone(nn.Module):
         in_shape: tuple[int, int, int],
         num_outputs: int,
         name: str,
-        library: Literal["timm", "torchvision"] = "timm",
+        library: str = "timm",
         pretrained: bool = False,
         weights: str | None = None,
         image_size: int | None = None,
@@ -41,9 +41,13 @@ class Backbone(nn.Module):
         if image_size is not None and image_size < 1:
             raise ConfigError(f"model.net.image_size={image_size}: give a size of 1 pixel or more, or null.")
         self.size = (image_size, image_size) if image_size else None
+        # a str, not a Literal: jsonargparse would report a wrong one as a failure to parse the whole net
+        if library not in ("timm", "torchvision"):
+            raise ConfigError(f"model.net.library {library!r}: choose timm or torchvision.")
         weights = str(Path(weights).expanduser()) if weights else None
         if weights is not None and not Path(weights).is_file():
-            raise ConfigError(f"model.net.weights {weights}: no such file.")
+            what = "a directory" if Path(weights).is_dir() else "no such file"
+            raise ConfigError(f"model.net.weights {weights}: {what}; give the file of the weights.")
         build = _timm if library == "timm" else _torchvision
         self.model, self.head_name, stats = build(
             name, in_shape[0], num_outputs, pretrained or weights is not None, weights, dict(options or {})
@@ -86,7 +90,7 @@ def _unknown(library: str, name: str, names: list[str]) -> ConfigError:
 
 
 def _offline(library: str, name: str, where: str, err: Exception) -> ConfigError:
-    reason = " ".join(str(err).split())[:200]
+    reason = " ".join(str(err).split())[:200].rstrip(".")
     return ConfigError(
         f"model.net {library} {name}: its pretrained weights come from {where}, and could not be fetched ({reason}). "
         "Where there is no internet, download that file elsewhere and give it: --model.net.init_args.weights PATH "
@@ -152,8 +156,9 @@ def _state_dict(path: str) -> dict:
 
 
 def _bad_file(path: str, name: str, err: Exception) -> ConfigError:
+    # load_state_dict's first line only names the model: the keys missing, unexpected or of another size follow
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    reason = (lines[0] if lines else type(err).__name__)[:300]
+    reason = " ".join(lines[:3])[:400].rstrip(".") if lines else type(err).__name__
     return ConfigError(f"model.net.weights {path} cannot be loaded into {name}: {reason}. Give a file of that "
                        "model's weights (a state dict, .pth or .safetensors).")  # fmt: skip
 
