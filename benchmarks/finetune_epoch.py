@@ -3,7 +3,7 @@ frozen (epoch 0) and trained (epochs 1 and 2): 1,000 training images of 5 Fashio
 folder, 100 validation images, weights from a local file of the right shapes (the ImageNet ones cannot be downloaded
 here; the arithmetic is the same).
 
-    python benchmarks/finetune_epoch.py      # about 5 minutes on 2 CPU cores
+    python benchmarks/finetune_epoch.py      # about a minute on 2 CPU cores
 """
 
 import csv
