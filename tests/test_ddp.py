@@ -8,12 +8,13 @@ from project.module import ImageClassifier
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_shards_batches_and_syncs_metrics(tmp_path, fashion_dir):
-    # 2000 training images, 100 per process per step: 10 steps per epoch if each rank takes its own half; 2 epochs,
-    # the first with the body frozen (DDP must then find the parameters without gradients)
+    # 2000 training images, 100 per process per step: 10 steps per epoch if each rank takes its own half of the
+    # balanced sample; 2 epochs, the first with the body frozen (DDP must then find the parameters without gradients)
     args = fit_args(tmp_path, fashion_dir, "--data.val_size=58000", "--data.batch_size=100",
                     "--data.eval_batch_size=200", "--trainer.limit_train_batches=1.0", "--trainer.limit_val_batches=5",
                     "--trainer.limit_test_batches=5", "--trainer.accelerator=cpu", "--trainer.devices=2",
-                    "--trainer.strategy=ddp", "--trainer.max_epochs=2", "--model.freeze_epochs=1")  # fmt: skip
+                    "--trainer.strategy=ddp", "--trainer.max_epochs=2", "--model.freeze_epochs=1",
+                    "--data.balanced=true")  # fmt: skip
     result = run(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/acc" in result.stdout

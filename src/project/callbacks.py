@@ -1,6 +1,7 @@
 """Callbacks the CLI adds to every run, beside Lightning's own."""
 
 import csv
+import io
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from project import runs
 from project.errors import ConfigError
+from project.files import replacing
 
 
 class EarlyStopping(callbacks.EarlyStopping):
@@ -100,11 +102,13 @@ class ProgressBar(RichProgressBar):
         return metrics
 
 
-class TensorBoardReport(Callback):
-    """What TensorBoard shows of a run beyond Lightning's scalars: the model graph (GRAPHS), the model summary
-    with shapes and parameters per layer (TEXT), train and val curves on shared charts (CUSTOM SCALARS); after
-    ``test``, a confusion matrix and the misclassified test images (IMAGES), and the hyperparameters with the
-    final metrics (HPARAMS)."""
+class Report(Callback):
+    """After every ``test``, whatever the logger: ``test_report.csv`` in the run's (or the evaluation's) directory,
+    each class's support, precision, recall and F1, then its row of the confusion matrix, and their macro means. Where
+    the run has a TensorBoard logger, what TensorBoard shows beyond Lightning's scalars: the model graph (GRAPHS), the
+    model summary with shapes and parameters per layer and the per-class table (TEXT), train and val curves on shared
+    charts (CUSTOM SCALARS); after ``test``, a confusion matrix and the misclassified test images (IMAGES), and the
+    hyperparameters with the final metrics (HPARAMS)."""
 
     def __init__(self, misclassified: int = 32):
         self.misclassified = misclassified
@@ -166,11 +170,19 @@ class TensorBoardReport(Callback):
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         matrix = self.confusion.compute().cpu()  # synced over DDP ranks: every rank takes part
+        classes = pl_module.hparams.classes
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            table = _per_class(matrix, classes)
+            text = io.StringIO()
+            csv.writer(text, lineterminator="\n").writerows(table)
+            with replacing(runs.directory(trainer) / "test_report.csv") as f:
+                f.write(text.getvalue().encode())
         if (logger := self._logger(trainer)) is None:
             return
         writer = logger.experiment
-        classes = pl_module.hparams.classes
         step = trainer.global_step
+        markdown = "\n".join("| " + " | ".join(row[:5]) + " |" for row in table)
+        writer.add_text("test/per_class", markdown.replace("\n", "\n|---|---|---|---|---|\n", 1), step)
         writer.add_figure("test/confusion_matrix", _confusion_figure(matrix, classes), step)
         if self.wrong:
             writer.add_figure("test/misclassified", _images_figure(self.wrong, classes), step)
@@ -179,6 +191,22 @@ class TensorBoardReport(Callback):
         if best > float("-inf"):  # not for a test of a checkpoint that never validated
             metrics["val/acc_best"] = best
         logger.log_hyperparams({**pl_module.hparams, **getattr(trainer.datamodule, "hparams", {})}, metrics)
+
+
+def _per_class(matrix: torch.Tensor, classes) -> list[list[str]]:
+    """The test report's rows: a header, one row per class (its row of the confusion matrix after its scores; a class
+    never predicted has precision 0, as torchmetrics gives it), and the macro means."""
+    matrix = matrix.double()
+    hits, support, predicted = matrix.diagonal(), matrix.sum(1), matrix.sum(0)
+    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), 0)
+    recall = torch.where(support > 0, hits / support.clamp(min=1), 0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0)
+    rows = [["class", "support", "precision", "recall", "f1", *(f"predicted {c}" for c in classes)]]
+    for i, name in enumerate(map(str, classes)):
+        scores = (f"{v[i]:.4f}" for v in (precision, recall, f1))
+        rows.append([name, str(int(support[i])), *scores, *(str(int(n)) for n in matrix[i].tolist())])
+    rows.append(["macro mean", str(int(support.sum())), *(f"{v.mean():.4f}" for v in (precision, recall, f1))])
+    return rows
 
 
 def _confusion_figure(matrix: torch.Tensor, classes: tuple[str, ...]):

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from project import record, runs
-from project.callbacks import CSVPredictionWriter, EarlyStopping, TensorBoardReport
+from project.callbacks import CSVPredictionWriter, EarlyStopping, Report
 from project.checkpoint import SafeModelCheckpoint
 from project.configs import DEFAULT_CONFIG, check_config_files, check_unquoted_pattern
 from project.data import ImageData
@@ -40,6 +40,7 @@ STATEFUL = {
     "body_lr_scale",
     "layer_decay",
     "norm_bias_decay",
+    "class_weights",
 }
 
 # argparse would take --trainer.max_epoch (a typo) as --trainer.max_epochs; and a one-line usage instead of
@@ -170,7 +171,7 @@ class CLI(LightningCLI):
                 args=args,
                 run=command is None,
                 # always there, whatever a config's trainer.callbacks says
-                trainer_defaults={"callbacks": [TensorBoardReport(), MetricsRecord()]},
+                trainer_defaults={"callbacks": [Report(), MetricsRecord()]},
                 save_config_callback=SaveConfig,
                 parser_class=Parser,
                 save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again

@@ -8,7 +8,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
-from torchmetrics.classification import Accuracy, F1Score
+from torchmetrics.classification import Accuracy, F1Score, Recall
 
 from project import finetune
 from project.errors import ConfigError, DataError
@@ -93,8 +93,9 @@ class ImageClassifier(LightningModule):
     the CLI). With two classes the task is binary: the net has one output ``z``, the loss is ``BCEWithLogits``, and the
     module returns the logits ``(0, z)``; otherwise ``CrossEntropy`` over one logit per class. :meth:`loss` is the one
     place to change the objective (a subclass with a focal loss: README). Logs ``train/loss_step`` (at logging steps),
-    ``train/{loss_epoch,acc}``, ``{val,test}/{loss,acc}``, ``val/acc_best``, and F1 (and top-5 accuracy with more than 5
-    classes) for val and test.
+    ``train/{loss_epoch,acc}``, ``{val,test}/{loss,acc}``, ``val/acc_best``, and macro F1 and macro recall (the balanced
+    accuracy; and top-5 accuracy with more than 5 classes) for val and test. ``class_weights`` weighs the training loss
+    per class: ``balanced`` (the inverse of each class's share of the training images) or one weight per class.
     ``label_smoothing`` softens the training targets (the loss only; val and test losses are plain). Training batches
     may come with soft targets, class probabilities ``(N, num_classes)`` (mixup and cutmix in the data module): the
     loss takes them as they are, and an image counts in ``train/acc`` by the weight its target gives the predicted
@@ -129,6 +130,7 @@ class ImageClassifier(LightningModule):
         body_lr_scale: float = 1.0,
         layer_decay: float | None = None,
         norm_bias_decay: bool = True,
+        class_weights: Literal["balanced"] | list[float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -143,6 +145,12 @@ class ImageClassifier(LightningModule):
         if num_classes < 2:
             raise ConfigError(f"model.classes={list(classes)}: classification needs two or more classes.")
         self.binary = num_classes == 2
+        if isinstance(class_weights, list) and (len(class_weights) != num_classes or min(class_weights) <= 0):
+            raise ConfigError(f"model.class_weights={class_weights}: give one positive weight per class "
+                              f"({num_classes}), or balanced.")  # fmt: skip
+        # the training loss's weight per class: a buffer, so that a resumed run and its checkpoints keep it
+        self.register_buffer("class_weight", torch.tensor(class_weights if isinstance(class_weights, list) else
+                                                          [1.0] * num_classes, dtype=torch.float32))  # fmt: skip
         outputs = 1 if self.binary else num_classes
         self.normalize = Normalize(in_shape[0])
         self.net = _build(net, in_shape, outputs)
@@ -166,7 +174,9 @@ class ImageClassifier(LightningModule):
         self.register_buffer("train_loss_sum", torch.zeros(()), persistent=False)
         self.register_buffer("train_hits", torch.zeros(()), persistent=False)  # fractional with soft targets
         self.train_seen = 0
-        scores = {"acc": Accuracy(**task), "f1": F1Score(**task, average="macro")}
+        # macro: every class counts as much, whatever its size (recall's macro mean is the balanced accuracy)
+        scores = {"acc": Accuracy(**task), "f1": F1Score(**task, average="macro"),
+                  "recall": Recall(**task, average="macro")}  # fmt: skip
         if not self.binary and num_classes > 5:
             scores["acc_top5"] = Accuracy(**task, top_k=5)
         self.val_metrics = MetricCollection(scores, prefix="val/")
@@ -194,6 +204,15 @@ class ImageClassifier(LightningModule):
             stats = data.mean, data.std
         if stage == "fit" and stats is not None:
             self.normalize.set(*stats)
+        if stage == "fit" and self.hparams.class_weights == "balanced" and not self.resuming:
+            counts = torch.tensor(getattr(data, "class_counts", None) or [], dtype=torch.float64)
+            if len(counts) != self.num_classes or (counts == 0).any():
+                raise ConfigError(
+                    "model.class_weights balanced weighs each class by the inverse of its training images, which the "
+                    f"data module {type(data).__name__} does not give per class (class_counts: {counts.tolist()}): "
+                    "give the weights as a list (model.class_weights: [w0, w1, ...])."
+                )
+            self.class_weight.copy_(counts.sum() / (len(counts) * counts))  # scikit-learn's "balanced"
         if stage == "fit" and self.hparams.init_from and not self.resuming:
             line = finetune.initialise(self, self.hparams.init_from)
             if self.global_rank == 0:
@@ -249,16 +268,22 @@ class ImageClassifier(LightningModule):
         # a binary net's logit z as (0, z), whose softmax is (1 - sigmoid(z), sigmoid(z))
         return torch.cat([torch.zeros_like(logits), logits], 1) if self.binary else logits
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+             weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The objective: ``logits`` ``(N, num_classes)``, ``target`` labels ``(N,)`` or class probabilities ``(N,
-        num_classes)`` (mixup, cutmix). Cross-entropy, or for two classes binary cross-entropy on the positive logit."""
+        num_classes)`` (mixup, cutmix). Cross-entropy, or for two classes binary cross-entropy on the positive logit;
+        ``weight`` per class (the training loss's ``class_weights``)."""
         if self.binary:
             target = target.float() if target.ndim == 1 else target[:, 1]  # soft targets: the positive class's share
             target = target * (1 - label_smoothing) + 0.5 * label_smoothing
-            return F.binary_cross_entropy_with_logits(logits[:, 1], target)
-        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+            if weight is None:
+                return F.binary_cross_entropy_with_logits(logits[:, 1], target)
+            each = weight[0] * (1 - target) + weight[1] * target  # its target's share of the two classes' weights
+            loss = F.binary_cross_entropy_with_logits(logits[:, 1], target, weight=each, reduction="sum")
+            return loss / each.sum()  # a weighted mean, as cross_entropy's
+        return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
 
-    def _step(self, batch, logits: torch.Tensor | None = None, smoothing: float = 0.0):
+    def _step(self, batch, logits: torch.Tensor | None = None, smoothing: float = 0.0, weight=None):
         """Loss, logits and targets of one batch, used by every stage; ``logits`` if already computed (test-time
         augmentation)."""
         x, y = batch
@@ -269,14 +294,17 @@ class ImageClassifier(LightningModule):
                 "ImageData)."
             )
         logits = self(x) if logits is None else logits
-        return self.loss(logits, y, smoothing), logits, y
+        # the weights only where they are set: a subclass's loss(logits, target, label_smoothing) stays valid
+        extra = {"weight": weight} if weight is not None else {}
+        return self.loss(logits, y, smoothing, **extra), logits, y
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
         """What the metrics take: the positive class's probability for binary, the logits otherwise."""
         return torch.sigmoid(logits[:, 1]) if self.binary else logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, logits, y = self._step(batch, smoothing=self.hparams.label_smoothing)
+        weight = self.class_weight if self.hparams.class_weights is not None else None
+        loss, logits, y = self._step(batch, smoothing=self.hparams.label_smoothing, weight=weight)
         with torch.no_grad():
             self.train_loss_sum += loss * len(y)
             predictions = logits.argmax(1)

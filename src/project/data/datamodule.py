@@ -2,6 +2,7 @@
 meets for the template's commands and callbacks (:class:`ImageData`)."""
 
 import hashlib
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
@@ -9,7 +10,7 @@ from typing import Literal, Protocol
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from project.data import cache as caches
 from project.data import folder as folders
@@ -43,6 +44,7 @@ class ImageData(Protocol):
     - ``steps_per_epoch()``: training batches per epoch, known without loading the data (``lr-plot``; without it,
       ``lr-plot`` sets the data up and counts them).
     - an init argument ``batch_size``: what ``batch-size-find`` tunes.
+    - ``class_counts``: after ``setup("fit")``, the training images per class (``model.class_weights: balanced``).
     """
 
     shape: tuple[int, int, int]
@@ -98,6 +100,28 @@ class _EpochShuffle(RandomSampler):
         ).tolist()
 
 
+class _BalancedEpochSample(Sampler[int]):
+    """As many images an epoch as the split holds, drawn with replacement so that every class is drawn as often
+    (each image's chance the inverse of its class's size), from ``(seed, epoch)`` alone as :class:`_EpochShuffle`: a
+    resumed run draws what the uninterrupted one drew. Under DDP, Lightning shards it (its DistributedSamplerWrapper,
+    which hands ``set_epoch`` on), every process drawing the same order."""
+
+    def __init__(self, labels: torch.Tensor, seed: int):
+        counts = torch.bincount(labels.cpu())
+        self.weights = 1.0 / counts[labels.cpu()].double()
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
+
+
 def _key(seed: int, name: str) -> float:
     """A number in [0, 1) drawn from a seed and an image's name alone."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") / 2**64
@@ -123,6 +147,8 @@ class ImageDataModule(LightningDataModule):
     mixup and cutmix (torchvision's ``MixUp`` and ``CutMix``, Beta(``alpha``, ``alpha``) mixing, one of the two at
     random per batch when both are on), which turn the labels into soft targets ``(N, num_classes)``. All off at 0.
     Batches reach the device as ``uint8`` (floats in [0, 1] once erased or mixed): the model normalises them.
+    ``balanced`` draws each training epoch with replacement so that every class comes as often (a run whose classes
+    differ in size by more than 10x says so when it starts).
 
     ``predict`` labels the test split, or with ``predict_files`` (files, folders, glob patterns) those images, resized
     to the training size. ``positive_class`` turns the task into one-vs-rest binary classification. ``on_device`` keeps
@@ -148,6 +174,7 @@ class ImageDataModule(LightningDataModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         random_erasing: float = 0.0,
+        balanced: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -187,6 +214,11 @@ class ImageDataModule(LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class (after ``setup("fit")``)."""
+        return torch.bincount(self.train_set.y.cpu(), minlength=self.num_classes).tolist()
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -233,6 +265,13 @@ class ImageDataModule(LightningDataModule):
             self._setup_pool()
             if stage == "fit" and rank_zero_only.rank == 0:
                 print(self.summary())
+                counts = self.class_counts
+                if min(counts) * 10 < max(counts) and not self.hparams.balanced:
+                    small, large = counts.index(min(counts)), counts.index(max(counts))
+                    print(f"note: the training classes differ in size by more than 10x ({self.classes[small]} "
+                          f"{counts[small]:,}, {self.classes[large]} {counts[large]:,}): --data.balanced true draws "
+                          "each class as often, --model.class_weights balanced weighs the loss by class.",
+                          file=sys.stderr)  # fmt: skip
         if stage in ("test", "predict") and self.test_set is None:
             test = self._load("test")
             self.test_set, self.test_paths = test.set, test.paths
@@ -349,7 +388,10 @@ class ImageDataModule(LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         if self.hparams.on_device and isinstance(data, Tensors):
             data.x, data.y = data.x.to(device), data.y.to(device)  # once: a no-op when already there
-        order = _EpochShuffle(data, self.shuffle_seed) if shuffle else SequentialSampler(data)
+        if shuffle and self.hparams.balanced:
+            order = _BalancedEpochSample(data.y, self.shuffle_seed)
+        else:
+            order = _EpochShuffle(data, self.shuffle_seed) if shuffle else SequentialSampler(data)
         return DataLoader(
             data,
             batch_sampler=_SlicedBatchSampler(order, batch_size, drop_last),
