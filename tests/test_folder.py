@@ -323,7 +323,7 @@ def test_ctrl_c_while_decoding_stops_and_caches_nothing(image_folder, tmp_path, 
 
     monkeypatch.setattr(folders.Decoded, "__getitem__", getitem)
     with StopSignals(), pytest.raises(Interrupted) as stopped:
-        folders.cache(image_folder, (28, 28), 3, tmp_path, 2048, 0)
+        folders.cache(folders.scan(image_folder), (28, 28), 3, tmp_path, 2048, 0)
     assert stopped.value.exit_code == 130 and len(calls) < 300 and not (tmp_path / "folders").exists()
 
 

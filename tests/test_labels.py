@@ -1,6 +1,7 @@
 """Real-world labels: imbalanced classes (a balanced sampler, class-weighted loss, per-class test report)."""
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,56 @@ def test_the_balanced_sample_draws_every_class_as_often_from_seed_and_epoch():
     assert second != first and second == list(fresh)
     shares = torch.bincount(labels[torch.tensor(first + second)], minlength=3) / 2000
     assert torch.allclose(shares, torch.full((3,), 1 / 3), atol=0.04), shares
+
+
+def write_csv(path: Path, rows: list[tuple[str, ...]], header: str = "path,label,split") -> Path:
+    path.write_text(header + "\n" + "".join(",".join(row) + "\n" for row in rows))
+    return path
+
+
+def csv_fit(tmp_path: Path, table: Path, *extra: str) -> list[str]:
+    return [*folder_fit(tmp_path, table.parent, *extra), "--data.source=project.data.CSVLabels",
+            f"--data.source.csv={table}", "--data.source.image_size=28"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_csv_of_labels_trains_predicts_and_exports(tmp_path, image_folder):
+    # the folder's images listed from a CSV beside them: relative paths, splits by column (one by another spelling)
+    image_folder = Path(shutil.copytree(image_folder, tmp_path / "images"))
+    files = sorted(p.relative_to(image_folder) for p in image_folder.rglob("*") if p.is_file())
+    splits = ["train"] * 7 + ["valid", "test", "test"]
+    rows = [(str(f), f.parent.name.upper(), splits[i % 10]) for i, f in enumerate(files)]
+    table = write_csv(image_folder / "labels.csv", rows)
+    result = invoke(csv_fit(tmp_path, table, "--trainer.max_epochs=2"))
+    assert result.returncode == 0, result.stderr
+    assert "3 classes; train 210, validation 30 images, test: the source's own" in result.stdout
+    run = tmp_path / "logs" / "folder" / "version_0"
+    assert [int(report(run)[c]["support"]) for c in ("BAG", "SNEAKER", "TROUSER")] == [20, 20, 20]
+    assert invoke(["predict", f"--config={run / 'config.yaml'}", "--ckpt_path=best"]).returncode == 0
+    with open(run / "predict_0" / "predictions.csv") as f:
+        predicted = list(csv.DictReader(f))
+    tested = {str(image_folder / f) for f, _, split in rows if split == "test"}
+    assert len(predicted) == 60 and {row["file"] for row in predicted} == tested
+    result = invoke(["export", str(run)])
+    assert result.returncode == 0 and "top-1 agreement 60/60\n  model.pt2" in result.stdout, result.stderr
+
+
+def test_a_csv_s_bad_rows_are_named_by_line(tmp_path, image_folder):
+    image_folder = Path(shutil.copytree(image_folder, tmp_path / "images"))
+    good = sorted(str(p.relative_to(image_folder)) for p in image_folder.rglob("*.png"))
+    rows = [(good[0], "bag", "train"), (good[150], "trouser", ""), ("bag/nowhere.png", "bag", "train"),
+            (good[0], "bag", "test"), (good[1], "cat", "train"), (good[2], "bag", "holdout")]  # fmt: skip
+    table = write_csv(image_folder / "bad.csv", rows)
+    result = invoke([*csv_fit(tmp_path, table), "--data.source.classes=[bag,trouser]"])
+    message = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(message) == 1, result.stderr  # a DataError: the files, not the settings
+    for said in ("1 row has a file that does not exist: line 4 (bag/nowhere.png)",
+                 "1 row has a split that is not train, val or test: line 7 ('holdout')",
+                 "1 row has a label that is none of the classes (bag, trouser): line 6 ('cat')",
+                 f"1 row has a file that an earlier line names: line 5 ({good[0]}, as line 2)"):  # fmt: skip
+        assert said in message[0], message
+    for text, expected in (("name,label\na.png,b\n", "has the columns name, label; it needs a header with path and"),
+                           ("path,label\n", "lists no images")):  # fmt: skip
+        (image_folder / "bad.csv").write_text(text)
+        result = invoke(csv_fit(tmp_path, table))
+        assert result.returncode == 1 and expected in result.stderr, result.stderr

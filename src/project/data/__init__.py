@@ -3,12 +3,13 @@ any source."""
 
 from project.data.datamodule import ImageData, ImageDataModule
 from project.data.registry import DATASETS
-from project.data.sources import AbsolutePath, Builtin, ImageFolder, Images, MapDataset, Source
+from project.data.sources import AbsolutePath, Builtin, CSVLabels, ImageFolder, Images, MapDataset, Source
 
 __all__ = [
     "DATASETS",
     "AbsolutePath",
     "Builtin",
+    "CSVLabels",
     "ImageData",
     "ImageDataModule",
     "ImageFolder",

@@ -9,6 +9,7 @@ A folder whose decoded images would take more than ``in_memory_max_mb`` is kept 
 only the sums, and DataLoader workers decode each batch with the same function, so both paths serve the same batches.
 """
 
+import csv
 import hashlib
 import os
 import sys
@@ -39,6 +40,11 @@ class Layout:
     splits: dict[str, tuple[list[Path], list[int]]]
     ignored: list[Path]  # files that are not images by their suffix
     loose: list[Path]  # files beside the class folders, in no class
+    origin: Path | None = None  # what lists the files where that is not the folder (a CSV file)
+
+    @property
+    def source(self) -> Path:
+        return self.origin or self.root
 
 
 def _class_dirs(path: Path) -> list[Path]:
@@ -152,7 +158,7 @@ def listing_key(layout: Layout, size: tuple[int, int], channels: int) -> str:
                 size, mtime = stat.st_size, stat.st_mtime_ns
             except OSError:  # a dangling link: decoding skips it and names it
                 size = mtime = -1
-            digest.update(f"{f.relative_to(layout.root)}\0{size}\0{mtime}\n".encode())
+            digest.update(f"{os.path.relpath(f, layout.root)}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()
 
 
@@ -168,29 +174,28 @@ class FolderImages:
 
 
 def cache(
-    root: str | Path, size: tuple[int, int], channels: int, cache_dir: str | Path, in_memory_max_mb: int, workers: int
-) -> tuple[Layout, dict]:
-    """The folder's layout and its cache (written first, if the files changed since or there is none): ``images``
+    layout: Layout, size: tuple[int, int], channels: int, cache_dir: str | Path, in_memory_max_mb: int, workers: int
+) -> dict:
+    """The cache of a layout's files (written first, if the files changed since or there is none): ``images``
     (``uint8 (N, channels, *size)``, or ``None`` for a folder kept on disk), ``sums`` and ``ok``, in layout order."""
-    layout = scan(root)
     files = [f for fs, _ in layout.splits.values() for f in fs]
     in_memory = len(files) * channels * size[0] * size[1] <= in_memory_max_mb * 2**20
     key = listing_key(layout, size, channels)
-    # one cache file per folder, size, channels and kind: a changed folder's replaces its earlier one
-    which = hashlib.sha256(f"{layout.root.resolve()} {size} {channels} {in_memory}".encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "folders" / f"{layout.root.resolve().name}-{which}.pt"
+    # one cache file per folder (or CSV), size, channels and kind: a changed folder's replaces its earlier one
+    which = hashlib.sha256(f"{layout.source.resolve()} {size} {channels} {in_memory}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "folders" / f"{layout.source.resolve().name}-{which}.pt"
     cached = caches.read(path, key)
     if cached is None:
         images, _, sums, ok = caches.decode_all(Decoded(files, size, channels), (channels, *size), workers, in_memory)
         cached = caches.write(path, {"key": key, "images": images, "sums": sums, "ok": ok})
-    return layout, cached
+    return cached
 
 
 def load(
-    root: str | Path, size: tuple[int, int], channels: int, cache_dir: str | Path, in_memory_max_mb: int, workers: int
+    layout: Layout, size: tuple[int, int], channels: int, cache_dir: str | Path, in_memory_max_mb: int, workers: int
 ) -> FolderImages:
-    """The folder's images per split folder, from :func:`cache`; says on stderr which files were skipped."""
-    layout, cached = cache(root, size, channels, cache_dir, in_memory_max_mb, workers)
+    """A layout's images per split, from :func:`cache`; says on stderr which files were skipped."""
+    cached = cache(layout, size, channels, cache_dir, in_memory_max_mb, workers)
     files = [f for fs, _ in layout.splits.values() for f in fs]
     labels = torch.tensor([label for _, ls in layout.splits.values() for label in ls], dtype=torch.int64)
     ok = cached["ok"]
@@ -216,7 +221,7 @@ def load(
         shown = ", ".join(str(f) for f in layout.loose[:3]) + (", ..." if len(layout.loose) > 3 else "")
         print(f"note: ignored {len(layout.loose)} files of {layout.root} that are in no class folder ({shown}): an "
               "image's class is the name of the folder it is in.", file=sys.stderr)  # fmt: skip
-    warn_skipped(skipped, len(files), f" of {layout.root}")
+    warn_skipped(skipped, len(files), f" of {layout.source}")
     return FolderImages(layout, sets, sums, paths, skipped)
 
 
@@ -269,3 +274,69 @@ def expand(patterns: list[str]) -> list[Path]:
     for path in found:
         once.setdefault(os.path.realpath(path), path)
     return list(once.values())
+
+
+def scan_csv(path: str | Path, classes: list[str] | None = None) -> Layout:
+    """The images a CSV file lists with their labels: columns ``path`` (relative to the CSV's folder, or absolute),
+    ``label``, and optionally ``split`` (``train``, ``val``, ``test``, or their folder names' other spellings; empty:
+    ``train``). The classes are ``classes`` where given (label order), else the train rows' labels, sorted. Missing
+    files, unknown labels or splits, and rows that name a file twice each stop it with one message naming their rows
+    (line numbers, the header being line 1)."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark a spreadsheet may write
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            rows = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"data.source.csv {path} cannot be read as a CSV file: {err}") from None
+    if not {"path", "label"} <= set(header):
+        raise DataError(f"data.source.csv {path} has the columns {', '.join(header) or 'none'}; it needs a header with "
+                        "path and label (and optionally split).")  # fmt: skip
+    if not rows:
+        raise DataError(f"data.source.csv {path} lists no images.")
+    spellings = {name: split for split, names in SPLITS.items() for name in names}
+    problems: dict[str, list[str]] = {"missing": [], "split": [], "label": [], "twice": []}
+    seen: dict[Path, int] = {}
+    listed = []
+    for line, row in rows:
+        split = spellings.get((row.get("split") or "train").strip().lower())
+        if split is None:
+            problems["split"].append(f"line {line} ({row['split']!r})")
+            continue
+        file = (path.parent / (row["path"] or "").strip()).absolute()
+        if not (row["path"] or "").strip() or not file.is_file():
+            problems["missing"].append(f"line {line} ({row['path']})")
+            continue
+        if (real := file.resolve()) in seen:
+            problems["twice"].append(f"line {line} ({row['path']}, as line {seen[real]})")
+            continue
+        seen[real] = line
+        listed.append((line, split, file, (row["label"] or "").strip()))
+    names = tuple(classes) if classes else tuple(sorted({label for _, split, _, label in listed if split == "train"}))
+    splits: dict[str, tuple[list[Path], list[int]]] = {}
+    for line, split, file, label in listed:
+        if label not in names:
+            problems["label"].append(f"line {line} ({label!r})")
+            continue
+        files, labels = splits.setdefault(split, ([], []))
+        files.append(file)
+        labels.append(names.index(label))
+    what = {"missing": "a file that does not exist", "split": "a split that is not train, val or test",
+            "label": f"a label that is none of the classes ({', '.join(names)})",
+            "twice": "a file that an earlier line names"}  # fmt: skip
+    said = []
+    for kind, found in problems.items():
+        if found:
+            shown = ", ".join(found[:5]) + (f", and {len(found) - 5} more" if len(found) > 5 else "")
+            said.append(f"{len(found)} {'row has' if len(found) == 1 else 'rows have'} {what[kind]}: {shown}")
+    if said:
+        raise DataError(f"data.source.csv {path}: {'; '.join(said)}. Correct the CSV file (a spreadsheet's line "
+                        "numbers, the header being line 1).")  # fmt: skip
+    if "train" not in splits or len(names) < 2:
+        raise DataError(f"data.source.csv {path} has {len(splits.get('train', ([], []))[0])} train rows of "
+                        f"{len(names)} classes: it needs train rows of two classes or more.")  # fmt: skip
+    empty = [n for i, n in enumerate(names) if i not in splits["train"][1]]
+    if empty:
+        raise DataError(f"data.source.csv {path}: the classes {', '.join(empty)} have no train rows.")
+    return Layout(path.parent.absolute(), names, splits, [], [], origin=path.absolute())

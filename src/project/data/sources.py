@@ -5,6 +5,7 @@ splits, normalises, augments and serves whatever a source loads, the same way fo
 
 import functools
 import hashlib
+import os
 import re
 import sys
 from abc import ABC, abstractmethod
@@ -170,7 +171,7 @@ class ImageFolder(Source):
         return len(self._layout.splits["train"][0])
 
     def _args(self, data_dir: Path, workers: int) -> tuple:
-        return self.root, self.size_hw, self.channels, data_dir, self.in_memory_max_mb, workers
+        return self._layout, self.size_hw, self.channels, data_dir, self.in_memory_max_mb, workers
 
     def prepare(self, data_dir: Path, workers: int) -> None:
         folders.cache(*self._args(data_dir, workers))
@@ -184,7 +185,38 @@ class ImageFolder(Source):
             self._loaded = folders.load(*self._args(data_dir, workers))
         data = self._loaded
         paths = data.paths[split]
-        return Images(data.sets[split], data.sums[split], paths, [str(p.relative_to(data.layout.root)) for p in paths])
+        return Images(data.sets[split], data.sums[split], paths, [os.path.relpath(p, data.layout.root) for p in paths])
+
+
+class CSVLabels(ImageFolder):
+    """Images listed in a CSV file with their labels (:func:`project.data.folder.scan_csv`): a header with ``path``
+    (relative to the CSV's folder) and ``label``, and optionally ``split`` (``train``, ``val``, ``test``; a split it
+    lacks is carved from train). Decoded, cached, split and predicted as a folder's images are; ``classes`` sets their
+    order (and which labels are known), else the train rows' labels, sorted."""
+
+    def __init__(
+        self,
+        csv: AbsolutePath,
+        image_size: Size = 64,
+        channels: Literal[1, 3] = 3,
+        classes: list[str] | None = None,
+        in_memory_max_mb: int = 2048,
+    ):
+        super().__init__(AbsolutePath(Path(csv).parent), image_size, channels, in_memory_max_mb)
+        self.csv, self.given_classes = Path(csv), classes
+
+    title = property(lambda self: f"CSV {self.csv}")
+
+    @functools.cached_property
+    def classes(self) -> tuple[str, ...]:
+        return self._layout.classes
+
+    @functools.cached_property
+    def _layout(self) -> folders.Layout:
+        return folders.scan_csv(self.csv, self.given_classes)
+
+    def fingerprint(self, data_dir: Path) -> dict:
+        return {"csv": str(self.csv), "listing": folders.listing_key(self._layout, self.size_hw, self.channels)}
 
 
 class _Conformed(Dataset):
