@@ -1,6 +1,8 @@
+import csv
+
 import pytest
 import torch
-from conftest import fit_args, run
+from conftest import fit_args, folder_fit, invoke, run
 
 from project.data import ImageDataModule
 from project.module import ImageClassifier
@@ -34,3 +36,32 @@ def test_ddp_on_two_cpu_processes_shards_batches_and_syncs_metrics(tmp_path, fas
     with torch.no_grad():
         accuracy = (model.eval()(x).argmax(1) == y).float().mean().item()
     assert logged == accuracy  # rank 0 logged the accuracy of both ranks, not of its own half
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_each_image_once_and_give_the_one_process_metrics(tmp_path, fashion_dir):
+    from test_labels import imbalanced_folder
+
+    # 51 test images a class, 153 in all: two processes take 77 and 76, no image twice
+    root = imbalanced_folder(tmp_path / "photos", fashion_dir, {"trouser": 60, "sneaker": 60, "bag": 60}, 51)
+    assert invoke(folder_fit(tmp_path, root, "--model.calibrate=true")).returncode == 0
+    trained = tmp_path / "logs" / "folder" / "version_0"
+    evaluate = ["test", f"--config={trained / 'config.yaml'}", "--ckpt_path=best", "--data.eval_batch_size=16",
+                "--trainer.limit_test_batches=1.0"]  # fmt: skip
+    assert invoke(evaluate).returncode == 0
+    result = run([*evaluate, "--trainer.devices=2", "--trainer.strategy=ddp"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def metrics(sub: str) -> dict[str, float]:
+        with open(trained / sub / "record.csv") as f:
+            row = next(r for r in csv.DictReader(f) if r["stage"] == "test")
+        return {k: float(v) for k, v in row.items() if k.startswith("test/")}
+
+    one, two = metrics("test_0"), metrics("test_1")
+    assert set(one) == {"test/loss", "test/acc", "test/f1", "test/recall", "test/ece"} and one.keys() == two.keys()
+    for name in ("test/acc", "test/f1", "test/recall"):  # counts: exactly
+        assert one[name] == two[name], (name, one, two)
+    for name in ("test/loss", "test/ece"):  # sums of floats, added in another order
+        assert one[name] == pytest.approx(two[name], abs=1e-6), (name, one, two)
+    reports = [(trained / sub / "test_report.csv").read_text() for sub in ("test_0", "test_1")]
+    assert reports[0] == reports[1] and ",153," in reports[0]  # every image once in the confusion matrix

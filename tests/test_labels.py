@@ -1,16 +1,20 @@
-"""Real-world labels: imbalanced classes (a balanced sampler, class-weighted loss, per-class test report)."""
+"""Real-world labels: imbalanced classes (a balanced sampler, class-weighted loss, per-class test report), labels
+from a CSV, calibrated probabilities (temperature scaling, ECE, reliability diagram)."""
 
 import csv
 import shutil
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
-from conftest import FOLDER_CLASSES, folder_fit, invoke
+import torch.nn.functional as F
+from conftest import FOLDER_CLASSES, fit_args, folder_fit, invoke
 from torchvision.io import write_png
 
 from project.data import registry
 from project.data.datamodule import _BalancedEpochSample
+from project.module import ImageClassifier, fit_temperature
 
 
 def imbalanced_folder(root: Path, fashion_dir: Path, train: dict[str, int], test: int) -> Path:
@@ -120,3 +124,36 @@ def test_a_csv_s_bad_rows_are_named_by_line(tmp_path, image_folder):
         (image_folder / "bad.csv").write_text(text)
         result = invoke(csv_fit(tmp_path, table))
         assert result.returncode == 1 and expected in result.stderr, result.stderr
+
+
+def test_temperature_scaling_finds_the_temperature_that_made_logits_overconfident():
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (4000,), generator=generator)
+    calibrated = torch.randn(4000, 5, generator=generator) + 2 * F.one_hot(y, 5)  # logits whose softmax is honest
+    labels = torch.distributions.Categorical(logits=calibrated).sample()  # labels drawn from those probabilities
+    assert fit_temperature(calibrated * 3, labels) == pytest.approx(3, rel=0.1)  # three times too sharp
+
+
+@pytest.mark.slow
+def test_calibrate_saves_the_temperature_and_predict_and_export_divide_by_it(tmp_path, fashion_dir):
+    result = invoke(fit_args(tmp_path, fashion_dir, "--model.calibrate=true", "--trainer.max_epochs=2"))
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0"
+    with open(run / "record.csv") as f:
+        rows = list(csv.DictReader(f))
+    fitted = [float(r["val/temperature"]) for r in rows if r["stage"] == "fit"]
+    assert len(fitted) == 2 and all(t > 0 and t != 1 for t in fitted) and rows[-1]["test/ece"]
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    model = ImageClassifier.load_from_checkpoint(best, weights_only=True).eval()
+    temperature = model.temperature.item()
+    assert min(abs(temperature - t) for t in fitted) < 1e-5
+    assert (run / "reliability.png").read_bytes().startswith(b"\x89PNG")
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        raw = model._logits(model.normalize(images))
+        assert torch.allclose(model(images), raw / temperature)
+    result = invoke(["export", str(run), "--ckpt_path=best"])
+    assert result.returncode == 0, result.stderr
+    session = onnxruntime.InferenceSession(str(run / "export_0" / "model.onnx"))
+    exported = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(exported), raw / temperature, atol=1e-4)  # the temperature exported

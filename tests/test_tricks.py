@@ -215,10 +215,11 @@ def test_stacked_tricks_and_fine_tuning_resume_to_the_uninterrupted_weights(tmp_
         assert child.wait() in (0, 143), child.output[-3000:]
         return run_dir(where)
 
-    # and fine-tuning's: the body frozen in epoch 0 (stopped there), unfrozen in epoch 1 (after the resume); and
-    # the balanced sample of each epoch with the class-weighted loss
+    # and fine-tuning's: the body frozen in epoch 0 (stopped there), unfrozen in epoch 1 (after the resume); the
+    # balanced sample of each epoch with the class-weighted loss; the temperature fitted at each validation
     fine = ["--model.freeze_epochs=1", "--model.train_bn=false", "--model.body_lr_scale=0.3", "--model.layer_decay=0.7",
-            "--model.norm_bias_decay=false", "--data.balanced=true", "--model.class_weights=balanced"]  # fmt: skip
+            "--model.norm_bias_decay=false", "--data.balanced=true", "--model.class_weights=balanced",
+            "--model.calibrate=true"]  # fmt: skip
     straight = load(trained(tmp_path / "straight", *fine) / "checkpoints" / "last.ckpt")
     stopped = trained(tmp_path / "stopped", *fine, fault(tmp_path / "stopped", "SIGTERM", "val0"))
     resumed = Child(["resume", str(stopped)], tmp_path / "resume.log")

@@ -153,8 +153,12 @@ class Report(Callback):
             }
         )
 
+    BINS = 15  # the reliability diagram's, as test/ece's
+
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.confusion = MulticlassConfusionMatrix(len(pl_module.hparams.classes)).to(pl_module.device)
+        # per confidence bin: images, their summed confidence, how many were right
+        self.bins = torch.zeros(3, self.BINS, dtype=torch.float64, device=pl_module.device)
         self.wrong: list[tuple[torch.Tensor, int, int]] = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -165,18 +169,27 @@ class Report(Callback):
             )
         prediction, target = outputs["prediction"], outputs["target"]
         self.confusion.update(prediction, target)
+        if (confidence := outputs.get("confidence")) is not None:
+            which = (confidence.double() * self.BINS).long().clamp(max=self.BINS - 1)
+            for row, values in enumerate((torch.ones_like(confidence), confidence, prediction == target)):
+                self.bins[row].index_add_(0, which, values.double())
         for i in torch.nonzero(prediction != target).flatten()[: self.misclassified - len(self.wrong)].tolist():
             self.wrong.append((batch[0][i].cpu(), target[i].item(), prediction[i].item()))
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         matrix = self.confusion.compute().cpu()  # synced over DDP ranks: every rank takes part
+        bins = trainer.strategy.reduce(self.bins, reduce_op="sum").cpu()  # every rank takes part
         classes = pl_module.hparams.classes
-        if trainer.is_global_zero and not trainer.sanity_checking:
-            table = _per_class(matrix, classes)
+        reliability = _reliability_figure(bins) if bins[0].sum() > 0 else None
+        table = _per_class(matrix, classes)
+        if trainer.is_global_zero and not trainer.fast_dev_run:  # a dry run writes nothing
             text = io.StringIO()
             csv.writer(text, lineterminator="\n").writerows(table)
             with replacing(runs.directory(trainer) / "test_report.csv") as f:
                 f.write(text.getvalue().encode())
+            if reliability is not None:
+                with replacing(runs.directory(trainer) / "reliability.png") as f:
+                    reliability.savefig(f, format="png", dpi=100)
         if (logger := self._logger(trainer)) is None:
             return
         writer = logger.experiment
@@ -184,6 +197,8 @@ class Report(Callback):
         markdown = "\n".join("| " + " | ".join(row[:5]) + " |" for row in table)
         writer.add_text("test/per_class", markdown.replace("\n", "\n|---|---|---|---|---|\n", 1), step)
         writer.add_figure("test/confusion_matrix", _confusion_figure(matrix, classes), step)
+        if reliability is not None:
+            writer.add_figure("test/reliability", reliability, step)
         if self.wrong:
             writer.add_figure("test/misclassified", _images_figure(self.wrong, classes), step)
         metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
@@ -207,6 +222,29 @@ def _per_class(matrix: torch.Tensor, classes) -> list[list[str]]:
         rows.append([name, str(int(support[i])), *scores, *(str(int(n)) for n in matrix[i].tolist())])
     rows.append(["macro mean", str(int(support.sum())), *(f"{v.mean():.4f}" for v in (precision, recall, f1))])
     return rows
+
+
+def _reliability_figure(bins: torch.Tensor):
+    """Accuracy against confidence, bin by bin (bars, their width the bin's), the diagonal a calibrated model would
+    follow, and each bin's share of the images; the title has the expected calibration error it adds up to."""
+    from matplotlib.figure import Figure
+
+    count, confidence, right = bins
+    n = len(count)
+    seen = count > 0
+    accuracy = torch.where(seen, right / count.clamp(min=1), 0)
+    mean_confidence = torch.where(seen, confidence / count.clamp(min=1), 0)
+    ece = float(((accuracy - mean_confidence).abs() * count).sum() / count.sum())
+    fig = Figure(figsize=(4.2, 4.2), dpi=100)
+    ax = fig.add_axes((0.15, 0.13, 0.8, 0.77))
+    edges = torch.arange(n) / n
+    ax.bar(edges, accuracy, width=1 / n, align="edge", edgecolor="black", color="#4c72b0", label="accuracy")
+    ax.bar(edges, (count / count.sum()), width=1 / n, align="edge", color="#dd8452", alpha=0.5, label="share of images")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class's probability)", ylabel="accuracy")
+    ax.set_title(f"test reliability: ECE {ece:.4f}", fontsize=10)
+    ax.legend(loc="upper left", fontsize=7)
+    return fig
 
 
 def _confusion_figure(matrix: torch.Tensor, classes: tuple[str, ...]):

@@ -7,8 +7,14 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
-from torchmetrics import MaxMetric, MetricCollection
-from torchmetrics.classification import Accuracy, F1Score, Recall
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    Accuracy,
+    BinaryCalibrationError,
+    F1Score,
+    MulticlassCalibrationError,
+    Recall,
+)
 
 from project import finetune
 from project.errors import ConfigError, DataError
@@ -108,6 +114,9 @@ class ImageClassifier(LightningModule):
     ``freeze_epochs`` trains only the head for that many epochs (``train_bn``: the body's BatchNorm layers learn
     meanwhile); the body's rate is the optimizer's times ``body_lr_scale``, and times ``layer_decay`` per layer below
     the head; ``norm_bias_decay`` false exempts norms and biases from weight decay.
+    ``calibrate`` fits a temperature on each validation's logits (temperature scaling): the checkpoints keep it, and
+    ``forward`` (so ``test``, ``predict`` and the exported graph) divides the logits by it; the test logs its expected
+    calibration error, ``test/ece``, either way.
     Arguments without a default here take theirs from ``configs/default.yaml``.
     """
 
@@ -131,6 +140,7 @@ class ImageClassifier(LightningModule):
         layer_decay: float | None = None,
         norm_bias_decay: bool = True,
         class_weights: Literal["balanced"] | list[float] | None = None,
+        calibrate: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -180,7 +190,16 @@ class ImageClassifier(LightningModule):
         if not self.binary and num_classes > 5:
             scores["acc_top5"] = Accuracy(**task, top_k=5)
         self.val_metrics = MetricCollection(scores, prefix="val/")
-        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        # expected calibration error: how far the test's confidences are from its accuracy (15 bins)
+        ece = BinaryCalibrationError(n_bins=15) if self.binary else MulticlassCalibrationError(num_classes, n_bins=15)
+        self.test_metrics = MetricCollection({**scores, "ece": ece}, prefix="test/").clone()
+        # the logits' temperature (forward divides by it): 1 until calibrate fits it on a validation, then saved with
+        # the checkpoint, used by test and predict and exported with the graph
+        self.register_buffer("temperature", torch.ones(()))
+        self.val_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # the mean over the images, whichever process has them (a mean of the processes' means would weigh them
+        # alike when their counts differ: evaluation under DDP does not repeat images to even them out)
+        self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
         self.val_acc_best = MaxMetric()
         # kept in state_dict so that a resumed run remembers its best epoch
         self.val_acc_best.persistent(True)
@@ -189,6 +208,7 @@ class ImageClassifier(LightningModule):
     def metric_names(self) -> set[str]:
         """Every name this module logs; callbacks may only monitor these."""
         names = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc_best", "test/loss"}
+        names |= {"val/temperature"} if self.hparams.calibrate else set()
         return names | set(self.val_metrics.keys()) | set(self.test_metrics.keys())
 
     @property
@@ -258,8 +278,9 @@ class ImageClassifier(LightningModule):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)`` of images as the data module serves them."""
-        return self._logits(self.normalize(images))
+        """Logits ``(N, num_classes)`` of images as the data module serves them, over the temperature (what ``predict``
+        and the exported graph give; training and validation take the net's own)."""
+        return self._logits(self.normalize(images)) / self.temperature
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -293,7 +314,7 @@ class ImageClassifier(LightningModule):
                 f"shape {tuple(self.hparams.in_shape)}: the data module's shape must be its images' (project.data."
                 "ImageData)."
             )
-        logits = self(x) if logits is None else logits
+        logits = self._logits(self.normalize(x)) if logits is None else logits
         # the weights only where they are set: a subclass's loss(logits, target, label_smoothing) stays valid
         extra = {"weight": weight} if weight is not None else {}
         return self.loss(logits, y, smoothing, **extra), logits, y
@@ -329,17 +350,36 @@ class ImageClassifier(LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits, y = self._step(batch)
+        if self.hparams.calibrate and not self.trainer.sanity_checking:
+            self.val_logits.append((logits.detach().float(), y))
         self.val_metrics.update(self._scores(logits), y)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.val_loss.update(loss, weight=len(y))
+        self.log("val/loss", self.val_loss, prog_bar=True)
         self.log_dict(self.val_metrics, prog_bar=False)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.val_acc_best(self.val_metrics["acc"].compute())
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        if self.val_logits:
+            logits, y = (torch.cat(parts) for parts in zip(*self.val_logits, strict=True))
+            self.val_logits.clear()
+            # every process's images (under DDP), so that every process fits the same temperature
+            logits, y = self._gather(logits), self._gather(y)
+            self.temperature.fill_(fit_temperature(logits, y))
+            self.log("val/temperature", self.temperature)
+
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` of every process, concatenated in rank order; the processes of an evaluation may hold one image
+        more or less than each other, and all_gather takes equal shapes: padded, then cut back."""
+        if self.trainer.world_size == 1:
+            return values
+        sizes = self.all_gather(torch.tensor(len(values), device=values.device)).tolist()
+        padded = torch.cat([values, values.new_zeros((max(sizes) - len(values), *values.shape[1:]))])
+        return torch.cat([part[:n] for part, n in zip(self.all_gather(padded), sizes, strict=True)])
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The logits of ``images``, averaged over the views ``tta`` names."""
+        """The logits of ``images``, averaged over the views ``tta`` names, over the temperature."""
         x = self.normalize(images)
         views = [x]
         if self.hparams.tta == "flip_translate":
@@ -348,15 +388,16 @@ class ImageClassifier(LightningModule):
             views += [padded[..., :h, :w], padded[..., 2:, 2:]]
         if self.hparams.tta != "none":
             views += [v.flip(3) for v in views]
-        return torch.stack([self._logits(v) for v in views]).mean(0)
+        return torch.stack([self._logits(v) for v in views]).mean(0) / self.temperature
 
     def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         loss, logits, y = self._step(batch, self.tta_logits(batch[0]))
         self.test_metrics.update(self._scores(logits), y)
-        self.log("test/loss", loss, sync_dist=True)
+        self.test_loss.update(loss, weight=len(y))
+        self.log("test/loss", self.test_loss)
         self.log_dict(self.test_metrics)
-        # for callbacks that report on the test set (confusion matrix, misclassified images)
-        return {"prediction": logits.argmax(1), "target": y}
+        # for callbacks that report on the test set (confusion matrix, misclassified images, reliability)
+        return {"prediction": logits.argmax(1), "target": y, "confidence": logits.softmax(1).amax(1)}
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Each image's probability per class (for binary: "not positive", positive), and its label (-1 if unknown)."""
@@ -400,6 +441,24 @@ class ImageClassifier(LightningModule):
         if given.get("cycle_momentum") and not {"momentum", "betas"} & optimizer.defaults.keys():
             extra["cycle_momentum"] = False
         return self.scheduler(optimizer, **extra)
+
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """The temperature ``T`` that minimises the cross-entropy of ``logits / T`` (Guo et al. 2017, temperature
+    scaling): LBFGS on ``log T``, outside the validation loop's inference mode."""
+    with torch.inference_mode(False), torch.enable_grad():
+        logits, target = logits.detach().clone().double(), target.detach().clone()
+        log_t = torch.zeros((), dtype=torch.float64, device=logits.device, requires_grad=True)
+        optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(logits / log_t.exp(), target)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return float(log_t.detach().exp().clamp(0.05, 20))
 
 
 def _build(net: NetFactory, in_shape: tuple[int, int, int], outputs: int) -> nn.Module:

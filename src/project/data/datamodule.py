@@ -10,7 +10,16 @@ from typing import Literal, Protocol
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from project.data import cache as caches
 from project.data import folder as folders
@@ -120,6 +129,20 @@ class _BalancedEpochSample(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
+
+
+class _EvaluationBatches(_SlicedBatchSampler):
+    """The batches of a validation, test or prediction: under DDP, each process takes every world-size-th image and
+    no image twice. Lightning rebuilds the batch sampler around a DistributedSampler, which repeats images until the
+    processes have as many (PyTorch issue 25162, Lightning issue 7929): their metrics would count those twice. Here
+    that sampler becomes Lightning's own UnrepeatedDistributedSampler (which Lightning uses for predict): the processes
+    may differ by one image, which evaluation allows (no gradients to reduce)."""
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool):
+        if isinstance(sampler, DistributedSampler) and not isinstance(sampler, UnrepeatedDistributedSampler):
+            sampler = UnrepeatedDistributedSampler(sampler.dataset, num_replicas=sampler.num_replicas,
+                                                   rank=sampler.rank, shuffle=False)  # fmt: skip
+        super().__init__(sampler, batch_size, drop_last)
 
 
 def _key(seed: int, name: str) -> float:
@@ -394,7 +417,7 @@ class ImageDataModule(LightningDataModule):
             order = _EpochShuffle(data, self.shuffle_seed) if shuffle else SequentialSampler(data)
         return DataLoader(
             data,
-            batch_sampler=_SlicedBatchSampler(order, batch_size, drop_last),
+            batch_sampler=(_SlicedBatchSampler if shuffle else _EvaluationBatches)(order, batch_size, drop_last),
             collate_fn=_batch_as_is,
             # its own generator: creating an iterator then draws nothing from the global RNG (see _EpochShuffle)
             generator=torch.Generator().manual_seed(self.shuffle_seed),
