@@ -9,9 +9,11 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FOLDER_CLASSES, fit_args, folder_fit, invoke
+import yaml
+from conftest import FOLDER_CLASSES, TINY, fit_args, folder_fit, forked, invoke, tiny_experiment
 from torchvision.io import write_png
 
+from project.commands.compare import paired_t
 from project.data import registry
 from project.data.datamodule import _BalancedEpochSample
 from project.module import ImageClassifier, fit_temperature
@@ -157,3 +159,46 @@ def test_calibrate_saves_the_temperature_and_predict_and_export_divide_by_it(tmp
     session = onnxruntime.InferenceSession(str(run / "export_0" / "model.onnx"))
     exported = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
     assert torch.allclose(torch.from_numpy(exported), raw / temperature, atol=1e-4)  # the temperature exported
+
+
+def test_folds_partition_the_pool_and_leave_the_test_images_alone(image_folder, tmp_path):
+    from project.data import ImageDataModule, ImageFolder
+
+    trains, vals, tests = [], [], []
+    for fold in range(3):
+        dm = ImageDataModule(ImageFolder(str(image_folder), image_size=28), 16, str(tmp_path), folds=3, fold=fold)
+        dm.setup("fit")
+        trains.append(set(dm._train_index.tolist()))
+        vals.append(len(dm.val_set))
+        tests.append(dm.test_paths)
+    assert tests[0] == tests[1] == tests[2] and 20 < len(tests[0]) < 40  # the same test images for every fold
+    pool = set.union(*trains)
+    held_out = [pool - train for train in trains]  # what each fold validates on
+    assert len(pool) == 300 - len(tests[0]) and [len(h) for h in held_out] == vals
+    assert set.union(*held_out) == pool and sum(map(len, held_out)) == len(pool)  # each pool image validates once
+
+
+@pytest.mark.slow
+def test_compare_folds_trains_each_variant_on_every_fold_with_a_paired_test(tmp_path, fashion_dir):
+    experiment = tiny_experiment(tmp_path, fashion_dir)
+    logs = tmp_path / "logs"
+    result = forked(["compare", str(experiment), f"--logs={logs}", "--folds=2", "--", *TINY], tmp_path / "log")
+    assert result.returncode == 0, result.stdout[-3000:]
+    for variant in ("mlp", "linear"):
+        runs = sorted(p.name for p in (logs / "tiny" / variant).iterdir() if p.is_dir())
+        assert runs == ["fold_0", "fold_1"]
+        data = [yaml.safe_load((logs / "tiny" / variant / r / "version_0" / "config.yaml").read_text())["data"]
+                for r in runs]  # fmt: skip
+        assert [(d["init_args"]["folds"], d["init_args"]["fold"]) for d in data] == [(2, 0), (2, 1)]
+    with open(logs / "tiny" / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["runs ok"] for r in rows] == ["2", "2"]
+    assert sorted(r["p vs best (paired)"] == "best" for r in rows) == [False, True]
+    assert "2 folds per variant" in (logs / "tiny" / "comparison.md").read_text()
+
+
+def test_the_paired_test_matches_a_table():
+    # differences 0.01, 0.02, 0.03: t = 0.02 / (0.01 / sqrt 3) = 3.464, 2 degrees of freedom: p = 0.0742
+    a = {(None, k): 0.5 + d for k, d in enumerate((0.01, 0.02, 0.03))}
+    b = {(None, k): 0.5 for k in range(3)}
+    assert paired_t(a, b) == pytest.approx(0.0742, abs=1e-4)

@@ -18,6 +18,12 @@ the variant with the best mean: the runs of two variants are independent samples
 more than a small one's), which is what Welch's test assumes and Student's equal-variance test does not; with 3 seeds it
 can only detect differences several times the seed noise. The curves show each variant's mean with a band of +- one
 standard deviation.
+
+With ``--folds K`` (K >= 2; also with ``--seeds``), every variant trains K times, on the folds of its data module
+(``data.folds``, ``data.fold``: the same folds for every variant, cut from the train and validation images; the test
+images stay out of them), as ``<variant>/[seed_<s>/]fold_<k>``; the table gives the mean +- sd over the runs, and the
+p-value of a paired t-test of the test accuracy against the best variant's, run against run of the same fold and
+seed: the fold's images are the same for both, so the differences within a fold carry the comparison.
 """
 
 import argparse
@@ -157,6 +163,16 @@ def welch(a: list[float], b: list[float]) -> float:
     return t_tail((statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb), df)
 
 
+def paired_t(a: dict, b: dict) -> float:
+    """Two-sided p-value of the paired t-test that the runs of ``a`` and ``b`` (test accuracies by fold and seed) have
+    the same mean: the folds are the same images for both, so their differences carry the comparison."""
+    differences = [a[key] - b[key] for key in a.keys() & b.keys()]
+    if len(differences) < 2 or statistics.stdev(differences) == 0:
+        return math.nan
+    t = statistics.fmean(differences) / (statistics.stdev(differences) / math.sqrt(len(differences)))
+    return t_tail(t, len(differences) - 1)
+
+
 def train(name: str, args: list[str], save_dir: Path) -> str | None:
     """Runs one variant's fit, its progress bar on this terminal; returns the last error line if it failed."""
     log = save_dir / f"{name}.stderr.log"
@@ -201,7 +217,8 @@ SEED_COLUMNS = ["run", "status", "seeds ok", "test acc", "test acc 95% CI", "p v
 def aggregate(variant: str, runs: list[dict], target: float) -> dict:
     """One row for a variant's seeds: each metric as mean +- sd, the test accuracy's 95% CI, time to ``target``."""
     row = {"run": variant, "status": "ok", "seeds ok": len(runs), "params": runs[0]["params"],
-           "test accs": [r["test acc"] for r in runs], "seed curves": [r["curves"] for r in runs]}  # fmt: skip
+           "test accs": [r["test acc"] for r in runs], "seed curves": [r["curves"] for r in runs],
+           "by pair": {r["pair"]: r["test acc"] for r in runs}}  # fmt: skip
     reached = [to_target(r, target) for r in runs]
     metrics = {"test acc": [r["test acc"] for r in runs], "best val acc": [r["best val acc"] for r in runs],
                "train-val gap": [r["train-val gap"] for r in runs], "wall s": [r["wall s"] for r in runs],
@@ -238,10 +255,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
     parser.add_argument("--logs", type=Path, default=Path("logs/experiments"), help="where runs and results go")
     parser.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds 0..N-1 (default 1: the config's)")
+    parser.add_argument("--folds", type=int, default=1, help="k-fold cross-validation: each variant on K folds")
     parser.add_argument("--target", type=float, help="val acc to time (default: the lowest best val acc of all runs)")
     args = parser.parse_args(argv[1 : argv.index("--")] if "--" in argv else argv[1:])
     if args.seeds < 1:
         raise ConfigError(f"compare --seeds {args.seeds}: give 1 or more runs per variant.")
+    if args.folds < 1:
+        raise ConfigError(f"compare --folds {args.folds}: give 2 or more folds (1: no cross-validation).")
 
     if len(args.configs) == 1 and args.configs[0].is_dir():
         variants_, name = variants(args.configs[0]), args.name or args.configs[0].name
@@ -252,12 +272,15 @@ def main(argv: list[str]) -> None:
         name = args.name or "compare"
     directory = args.logs / name
     seeds = [None] if args.seeds == 1 else list(range(args.seeds))
-    todo = [(v, s) for v in variants_ for s in seeds]
+    folds = [None] if args.folds == 1 else list(range(args.folds))
+    todo = [(v, s, k) for v in variants_ for s in seeds for k in folds]
     results: dict[str, list[dict]] = {v: [] for v in variants_}
     failures: dict[str, str] = {}
-    for i, (variant, seed) in enumerate(todo, 1):
-        run = variant if seed is None else f"{variant}/seed_{seed}"
-        fit = [*variants_[variant], *([] if seed is None else [f"--seed_everything={seed}"]), *extra]
+    for i, (variant, seed, fold) in enumerate(todo, 1):
+        run = "/".join([variant, *([f"seed_{seed}"] if seed is not None else []),
+                        *([f"fold_{fold}"] if fold is not None else [])])  # fmt: skip
+        fit = [*variants_[variant], *([] if seed is None else [f"--seed_everything={seed}"]),
+               *([] if fold is None else [f"--data.folds={args.folds}", f"--data.fold={fold}"]), *extra]  # fmt: skip
         try:  # what would train now: a finished run is reused only if it trained exactly this
             config = yaml.safe_load(resolve(fit, f"variant {run}"))
         except ConfigError as err:
@@ -272,18 +295,28 @@ def main(argv: list[str]) -> None:
             failures.setdefault(variant, error)
             print(f"[{i}/{len(todo)}] {name}/{run}: FAILED, {error}", flush=True)
         else:
-            results[variant].append(summarize(variant, done))
-    if seeds == [None]:
+            results[variant].append({**summarize(variant, done), "pair": (seed, fold)})
+    repeats = len(seeds) * len(folds)
+    if repeats == 1:
         rows = [{"run": v, "status": f"failed, {failures[v]}"} if v in failures else results[v][0] for v in variants_]
         table = write_tables(rows, directory)
     else:
-        rows, target = table_of_seeds(results, failures, args.target)
-        caption = (f"{len(seeds)} seeds per variant; mean +- sd; the target of 'to target' is val acc {target:.4f}; "
-                   "p: Welch's t-test of test acc against the best mean.\n\n")  # fmt: skip
-        table = write_tables(rows, directory, SEED_COLUMNS, caption)
+        paired = folds != [None]
+        rows, target = table_of_seeds(results, failures, args.target, paired)
+        runs = " x ".join([f"{len(seeds)} seeds"] * (seeds != [None]) + [f"{len(folds)} folds"] * paired)
+        test = ("a paired t-test of test acc against the best mean, the runs paired by fold (and seed)" if paired
+                else "Welch's t-test of test acc against the best mean")  # fmt: skip
+        caption = (f"{runs} per variant; mean +- sd; the target of 'to target' is val acc {target:.4f}; p: "
+                   f"{test}.\n\n")  # fmt: skip
+        columns = SEED_COLUMNS
+        if paired:  # runs of seeds and folds
+            columns = [{"seeds ok": "runs ok", "p vs best (Welch)": "p vs best (paired)"}.get(c, c) for c in columns]
+            for row in rows:
+                row["runs ok"] = row.get("seeds ok")
+        table = write_tables(rows, directory, columns, caption)
     ok = [row for row in rows if row["status"] == "ok"]
     if ok:
-        plot(ok, directory / "curves.png", name + ("" if seeds == [None] else f", mean +- sd of {len(seeds)} seeds"))
+        plot(ok, directory / "curves.png", name + ("" if repeats == 1 else f", mean +- sd of {repeats} runs"))
     if differences := differing([r for v in results for r in results[v]]):
         table += "\nThe runs differ in what they ran on (run.json):\n\n" + differences
         (directory / "comparison.md").write_text(table)
@@ -336,9 +369,10 @@ def differing(rows: list[dict]) -> str:
 
 
 def table_of_seeds(
-    results: dict[str, list[dict]], failures: dict[str, str], target: float | None
+    results: dict[str, list[dict]], failures: dict[str, str], target: float | None, paired: bool = False
 ) -> tuple[list[dict], float]:
-    """One row per variant over its seeds (a variant with a failed seed is listed as failed), and the target."""
+    """One row per variant over its seeds and folds (a variant with a failed run is listed as failed), and the
+    target; ``paired`` (folds): the p-value of a paired t-test against the best, run by run of the same fold."""
     complete = {v: runs for v, runs in results.items() if v not in failures}
     if target is None and complete:
         target = min(max(v for _, v in r["val acc at"]) for runs in complete.values() for r in runs)
@@ -346,8 +380,8 @@ def table_of_seeds(
     if rows:
         best = max(rows, key=lambda r: statistics.fmean(r["test accs"]))
         for row in rows:
-            p = welch(row["test accs"], best["test accs"])
+            p = paired_t(row["by pair"], best["by pair"]) if paired else welch(row["test accs"], best["test accs"])
             shown = "n/a" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
-            row["p vs best (Welch)"] = "best" if row is best else shown
+            row["p vs best (paired)" if paired else "p vs best (Welch)"] = "best" if row is best else shown
     failed = [{"run": v, "status": f"failed, {e}", "seeds ok": len(results[v])} for v, e in failures.items()]
     return rows + failed, math.nan if target is None else target

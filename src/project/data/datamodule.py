@@ -171,7 +171,9 @@ class ImageDataModule(LightningDataModule):
     random per batch when both are on), which turn the labels into soft targets ``(N, num_classes)``. All off at 0.
     Batches reach the device as ``uint8`` (floats in [0, 1] once erased or mixed): the model normalises them.
     ``balanced`` draws each training epoch with replacement so that every class comes as often (a run whose classes
-    differ in size by more than 10x says so when it starts).
+    differ in size by more than 10x says so when it starts). ``folds`` and ``fold``: k-fold cross-validation (``compare
+    --folds``): the train split less the test images (``test_size``, the same for every fold; ``val_size`` is unused)
+    is cut into ``folds`` parts in the carving order, and part ``fold`` validates while the others train.
 
     ``predict`` labels the test split, or with ``predict_files`` (files, folders, glob patterns) those images, resized
     to the training size. ``positive_class`` turns the task into one-vs-rest binary classification. ``on_device`` keeps
@@ -198,6 +200,8 @@ class ImageDataModule(LightningDataModule):
         cutmix_alpha: float = 0.0,
         random_erasing: float = 0.0,
         balanced: bool = False,
+        folds: int | None = None,
+        fold: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -213,6 +217,8 @@ class ImageDataModule(LightningDataModule):
                     f"data.{key}={size} cannot split the train set: give a count of images (1 or more) "
                     "or a fraction between 0 and 1."
                 )
+        if folds is not None and not (folds >= 2 and 0 <= fold < folds):
+            raise ConfigError(f"data.folds={folds}, data.fold={fold}: give 2 folds or more, and a fold in 0..folds-1.")
         if min(mixup_alpha, cutmix_alpha) < 0 or not 0 <= random_erasing <= 1:
             raise ConfigError("data.mixup_alpha and data.cutmix_alpha cannot be negative; data.random_erasing is a "
                               "probability, in [0, 1].")  # fmt: skip
@@ -261,6 +267,8 @@ class ImageDataModule(LightningDataModule):
         """Training batches per epoch, known without decoding an image."""
         n = self.source.size()
         n_val, n_test = self._carve(n, "val" in self.source.splits, "test" in self.source.splits)
+        if self.hparams.folds:
+            n_val = (n - n_test) // self.hparams.folds
         return (n - n_val - n_test) // self.hparams.batch_size
 
     def fingerprint(self) -> dict:
@@ -310,7 +318,8 @@ class ImageDataModule(LightningDataModule):
         if len(counts) > 12:
             per_class = f"{min(counts):,} to {max(counts):,} a class"
         test = "" if self.test_set is not None else ", test: the source's own"
-        return f"{self.title}: {self.num_classes} classes; {sizes} images{test}; train per class: {per_class}."
+        fold = f" (validating on fold {self.hparams.fold} of {self.hparams.folds})" if self.hparams.folds else ""
+        return f"{self.title}: {self.num_classes} classes; {sizes} images{test}{fold}; train per class: {per_class}."
 
     def _load(self, split: str) -> Images:
         images = self.source.load(split, Path(self.hparams.data_dir), self.hparams.num_workers)
@@ -322,6 +331,9 @@ class ImageDataModule(LightningDataModule):
         """The train split and the validation split, and where the source has none, the test split, carved from the
         source's train split; the mean and std measured on the train split where the source does not know them."""
         pool = self._load("train")
+        if self.hparams.folds and "val" in self.source.splits:
+            raise ConfigError(f"data.folds: {self.title} has a validation split of its own, and folds are cut from one "
+                              "pool: move its images into the train split (a folder's val/ into train/).")  # fmt: skip
         val = self._load("val").set if "val" in self.source.splits else None
         carve_test = "test" not in self.source.splits
         # each image's place in the carving order from its name alone: adding or removing images moves no other image
@@ -351,12 +363,13 @@ class ImageDataModule(LightningDataModule):
         per image): fractions then take the images whose keys fall in [0, val_size) and [val_size, val_size +
         test_size). Keeps the pool indices that train in ``_train_index`` and that test in ``_test_index``."""
         n = len(pool)
-        n_val, n_test = self._carve(n, val is not None, not carve_test)
+        folded = bool(self.hparams.folds)  # the folds validate: no val_size images are carved
+        n_val, n_test = self._carve(n, val is not None or folded, not carve_test)
         if keys is None:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
         else:
             order = keys.argsort()
-            splits = ((val is not None, self.hparams.val_size), (not carve_test, self.hparams.test_size))
+            splits = ((val is not None or folded, self.hparams.val_size), (not carve_test, self.hparams.test_size))
             if all(own or isinstance(size, float) for own, size in splits):
                 low, counts = 0.0, []
                 for own, size in splits:
@@ -366,8 +379,8 @@ class ImageDataModule(LightningDataModule):
         sizes = f"data.val_size={self.hparams.val_size}" + (
             f" and data.test_size={self.hparams.test_size} leave" if carve_test else " leaves"
         )
-        for lacking, none in (("validation", val is None and n_val < 1), ("test", carve_test and n_test < 1),
-                              ("training", n_val + n_test >= n)):  # fmt: skip
+        for lacking, none in (("validation", val is None and not folded and n_val < 1),
+                              ("test", carve_test and n_test < 1), ("training", n_val + n_test >= n)):  # fmt: skip
             if none:
                 raise ConfigError(f"{sizes} no {lacking} images: the {self.title} train set has {n}.")
         if n - n_val - n_test < self.hparams.batch_size:  # drop_last: not one training batch
@@ -376,8 +389,18 @@ class ImageDataModule(LightningDataModule):
                 f"{sizes} of the {self.title} train set: no batch would train. Lower one."
             )
         self._train_index, self._test_index = order[n_val + n_test :], order[n_val : n_val + n_test]
+        val_index = order[:n_val]
+        if folded:  # the test images as above; the rest cut into folds, one of which validates
+            parts = order[n_test:].tensor_split(self.hparams.folds)
+            val_index = parts[self.hparams.fold]
+            self._train_index = torch.cat([p for i, p in enumerate(parts) if i != self.hparams.fold])
+            if min(len(p) for p in parts) < 1 or len(self._train_index) < self.hparams.batch_size:
+                raise ConfigError(
+                    f"data.folds={self.hparams.folds} leaves too few images a fold ({len(parts[-1])}) of the "
+                    f"{self.title} train set for data.batch_size={self.hparams.batch_size}."
+                )
         if val is None:
-            val = pool.subset(order[:n_val])
+            val = pool.subset(val_index)
         test = pool.subset(self._test_index) if carve_test else None
         return pool.subset(self._train_index), val, test
 
