@@ -65,3 +65,13 @@ def test_two_processes_evaluate_each_image_once_and_give_the_one_process_metrics
         assert one[name] == pytest.approx(two[name], abs=1e-6), (name, one, two)
     reports = [(trained / sub / "test_report.csv").read_text() for sub in ("test_0", "test_1")]
     assert reports[0] == reports[1] and ",153," in reports[0]  # every image once in the confusion matrix
+    # predict: each image once, gathered from both processes in input order
+    predict = ["predict", *evaluate[1:4]]
+    assert invoke(predict).returncode == 0
+    result = run([*predict, "--trainer.devices=2", "--trainer.strategy=ddp"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = []
+    for sub in ("predict_0", "predict_1"):
+        with open(trained / sub / "predictions.csv") as f:
+            rows.append([(r["index"], r["file"], r["class_name"]) for r in csv.DictReader(f)])
+    assert rows[0] == rows[1] and len(rows[0]) == 153

@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from project import runs
 from project.errors import ConfigError
 from project.files import replacing
+from project.gather import gather
 
 
 class EarlyStopping(callbacks.EarlyStopping):
@@ -49,9 +50,9 @@ class CSVPredictionWriter(BasePredictionWriter):
             )
         columns = {key: torch.cat([p[key] for p in predictions]) for key in ("target", "probabilities")}
         columns["index"] = torch.tensor([i for batch in batch_indices[0] for i in batch], device=pl_module.device)
-        # DistributedSampler pads the ranks to equal length (pytorch issue 25162, Lightning issue 3325), so gathering
-        # then dropping repeats is exact
-        columns = {key: pl_module.all_gather(value).flatten(0, -value.ndim).cpu() for key, value in columns.items()}
+        # Lightning's predict sampler gives each image to one rank, the ranks one image apart at most; a repeat (a
+        # sampler that pads) is dropped below
+        columns = {key: gather(pl_module, value).cpu() for key, value in columns.items()}
         if not trainer.is_global_zero:
             return
         order = columns["index"].argsort()

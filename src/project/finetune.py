@@ -125,7 +125,8 @@ def initialise(module: nn.Module, source: str) -> str:
     if not taken:
         raise ConfigError(f"model.init_from {path}: none of its tensors fits this model's net (another architecture?).")
     module.load_state_dict(taken, strict=False)
-    left = [f"{k} {tuple(ours[k].shape)}" + (f" (it has {tuple(theirs[k].shape)})" if k in theirs else "")
+    left = [f"{k} {tuple(ours[k].shape)}" + (f" (it has {tuple(theirs[k].shape)})" if k in theirs and
+                                               tuple(theirs[k].shape) != tuple(ours[k].shape) else "")
             for k in ours if k not in taken]  # fmt: skip
     line = f"model.init_from {path}: loaded {len(taken)} of {len(ours)} tensors"
     if left:

@@ -18,6 +18,7 @@ from torchmetrics.classification import (
 
 from project import finetune
 from project.errors import ConfigError, DataError
+from project.gather import gather
 
 # Built by jsonargparse from a config's class_path + init_args; the first arguments come from the data.
 NetFactory = Callable[[tuple[int, int, int], int], nn.Module]
@@ -365,18 +366,9 @@ class ImageClassifier(LightningModule):
             logits, y = (torch.cat(parts) for parts in zip(*self.val_logits, strict=True))
             self.val_logits.clear()
             # every process's images (under DDP), so that every process fits the same temperature
-            logits, y = self._gather(logits), self._gather(y)
+            logits, y = gather(self, logits), gather(self, y)
             self.temperature.fill_(fit_temperature(logits, y))
             self.log("val/temperature", self.temperature)
-
-    def _gather(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` of every process, concatenated in rank order; the processes of an evaluation may hold one image
-        more or less than each other, and all_gather takes equal shapes: padded, then cut back."""
-        if self.trainer.world_size == 1:
-            return values
-        sizes = self.all_gather(torch.tensor(len(values), device=values.device)).tolist()
-        padded = torch.cat([values, values.new_zeros((max(sizes) - len(values), *values.shape[1:]))])
-        return torch.cat([part[:n] for part, n in zip(self.all_gather(padded), sizes, strict=True)])
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The logits of ``images``, averaged over the views ``tta`` names, over the temperature."""
