@@ -119,10 +119,13 @@ def test_tensorboard_serves_the_runs_story(tmp_path, fashion_dir):
             time.sleep(0.5)
         run_name = "fashion_mnist_cnn/version_0"
         expected = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "val/f1",
-                    "val/acc_top5", "test/loss", "test/acc", "test/f1", "lr-AdamW", "model/params"}  # fmt: skip
+                    "val/recall", "val/acc_top5", "test/loss", "test/acc", "test/f1", "test/recall", "test/ece",
+                    "lr-AdamW", "model/params"}  # fmt: skip
         assert expected <= set(scalars[run_name])
-        assert set(_get(f"{base}/images/tags")[run_name]) == {"test/confusion_matrix", "test/misclassified"}
-        assert _get(f"{base}/text/tags")[run_name] == ["model/summary/text_summary"]
+        images = {"test/confusion_matrix", "test/misclassified", "test/reliability"}
+        assert set(_get(f"{base}/images/tags")[run_name]) == images
+        texts = {"model/summary/text_summary", "test/per_class/text_summary"}
+        assert set(_get(f"{base}/text/tags")[run_name]) == texts
         layout = json.dumps(_get(f"{base}/custom_scalars/layout"))
         assert '"train/loss_epoch", "val/loss"' in layout and '"train/acc", "val/acc"' in layout
         assert _get(f"{base}/graphs/info")[run_name]["run_graph"]

@@ -13,7 +13,7 @@ import yaml
 from conftest import FOLDER_CLASSES, TINY, fit_args, folder_fit, forked, invoke, tiny_experiment
 from torchvision.io import write_png
 
-from project.commands.compare import paired_t
+from project.commands.compare import paired_t, table_of_seeds
 from project.data import registry
 from project.data.datamodule import _BalancedEpochSample
 from project.module import ImageClassifier, fit_temperature
@@ -179,26 +179,33 @@ def test_folds_partition_the_pool_and_leave_the_test_images_alone(image_folder, 
 
 
 @pytest.mark.slow
-def test_compare_folds_trains_each_variant_on_every_fold_with_a_paired_test(tmp_path, fashion_dir):
+def test_compare_folds_trains_a_variant_on_every_fold(tmp_path, fashion_dir):
     experiment = tiny_experiment(tmp_path, fashion_dir)
+    (experiment / "linear.yaml").unlink()  # one variant: the table's paired test is the next test's
     logs = tmp_path / "logs"
     result = forked(["compare", str(experiment), f"--logs={logs}", "--folds=2", "--", *TINY], tmp_path / "log")
     assert result.returncode == 0, result.stdout[-3000:]
-    for variant in ("mlp", "linear"):
-        runs = sorted(p.name for p in (logs / "tiny" / variant).iterdir() if p.is_dir())
-        assert runs == ["fold_0", "fold_1"]
-        data = [yaml.safe_load((logs / "tiny" / variant / r / "version_0" / "config.yaml").read_text())["data"]
-                for r in runs]  # fmt: skip
-        assert [(d["init_args"]["folds"], d["init_args"]["fold"]) for d in data] == [(2, 0), (2, 1)]
+    runs = sorted(p.name for p in (logs / "tiny" / "mlp").iterdir() if p.is_dir())
+    assert runs == ["fold_0", "fold_1"]
+    data = [yaml.safe_load((logs / "tiny" / "mlp" / r / "version_0" / "config.yaml").read_text())["data"]
+            for r in runs]  # fmt: skip
+    assert [(d["init_args"]["folds"], d["init_args"]["fold"]) for d in data] == [(2, 0), (2, 1)]
     with open(logs / "tiny" / "comparison.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["runs ok"] for r in rows] == ["2", "2"]
-    assert sorted(r["p vs best (paired)"] == "best" for r in rows) == [False, True]
+        (row,) = list(csv.DictReader(f))
+    assert row["runs ok"] == "2" and row["p vs best (paired)"] == "best" and " +- " in row["test acc"]
     assert "2 folds per variant" in (logs / "tiny" / "comparison.md").read_text()
 
 
-def test_the_paired_test_matches_a_table():
+def test_the_paired_test_pairs_runs_by_fold_and_matches_a_table():
     # differences 0.01, 0.02, 0.03: t = 0.02 / (0.01 / sqrt 3) = 3.464, 2 degrees of freedom: p = 0.0742
     a = {(None, k): 0.5 + d for k, d in enumerate((0.01, 0.02, 0.03))}
     b = {(None, k): 0.5 for k in range(3)}
     assert paired_t(a, b) == pytest.approx(0.0742, abs=1e-4)
+    # in the table: runs of a variant paired with the best's of the same fold, whatever order they finished in
+    run = {"best val acc": 0.9, "train-val gap": 0.0, "wall s": 1.0, "val acc at": [(1, 0.9)], "curves": {},
+           "params": 1}  # fmt: skip
+    results = {"good": [{**run, "test acc": 0.6, "pair": (None, k)} for k in range(3)],
+               "less": [{**run, "test acc": b[(None, k)] + 0.1 - (0.01, 0.02, 0.03)[k], "pair": (None, k)}
+                        for k in (2, 0, 1)]}  # fmt: skip
+    rows, _ = table_of_seeds(results, {}, None, paired=True)
+    assert [r["p vs best (paired)"] for r in rows] == ["best", "0.074"]
