@@ -64,7 +64,18 @@ class CSVPredictionWriter(BasePredictionWriter):
         files = getattr(trainer.datamodule, "predict_paths", None)  # optional in a data module (project.data.ImageData)
         classes = pl_module.hparams.classes  # the checkpoint's, which the model was trained on
         labelled = bool((target >= 0).all())  # the test set's images have a class; predict_files' do not
+        # multi-label: the classes at or above the model's threshold, "|"-joined (and the true ones so)
+        multilabel = bool(pl_module.hparams.get("multilabel"))
+        threshold = float(getattr(pl_module, "threshold", 0.5))
+
+        def joined(row) -> str:
+            return "|".join(c for c, on in zip(classes, row, strict=True) if on)
+
+        if multilabel:
+            given = [joined(row) for row in (probabilities >= threshold).tolist()]
+            target = [joined(row) for row in target.tolist()] if target.ndim == 2 else target.tolist()
         header = ["index"] + (["file"] if files else []) + (["target"] if labelled else [])
+        header += ["labels"] if multilabel else []
         header += ["prediction", "class_name", "probability"]
         header += [f"{name}_{rank}" for rank in range(2, k + 1) for name in ("class", "probability")]
         path = runs.directory(trainer) / self.filename
@@ -72,8 +83,13 @@ class CSVPredictionWriter(BasePredictionWriter):
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
-            for i, y, ps, cs in zip(index.tolist(), target.tolist(), top_p.tolist(), top_i.tolist(), strict=True):
-                row = [i] + ([files[i]] if files else []) + ([y] if labelled else [])
+            targets = target if isinstance(target, list) else target.tolist()
+            for n, (i, y, ps, cs) in enumerate(
+                zip(index.tolist(), targets, top_p.tolist(), top_i.tolist(), strict=True)
+            ):
+                row = (
+                    [i] + ([files[i]] if files else []) + ([y] if labelled else []) + ([given[n]] if multilabel else [])
+                )
                 row += [cs[0], classes[cs[0]], f"{ps[0]:.6f}"]
                 row += [value for c, p in zip(cs[1:], ps[1:], strict=True) for value in (classes[c], f"{p:.6f}")]
                 writer.writerow(row)
@@ -160,6 +176,8 @@ class Report(Callback):
         self.confusion = MulticlassConfusionMatrix(len(pl_module.hparams.classes)).to(pl_module.device)
         # per confidence bin: images, their summed confidence, how many were right
         self.bins = torch.zeros(3, self.BINS, dtype=torch.float64, device=pl_module.device)
+        # multi-label: per class, true positives, false positives, false negatives
+        self.labels = torch.zeros(3, len(pl_module.hparams.classes), dtype=torch.int64, device=pl_module.device)
         self.wrong: list[tuple[torch.Tensor, int, int]] = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -169,6 +187,11 @@ class Report(Callback):
                 "{'prediction': class indices (N,), 'target': labels (N,)}, as ImageClassifier.test_step returns."
             )
         prediction, target = outputs["prediction"], outputs["target"]
+        if prediction.ndim == 2:  # multi-label: the classes given (0/1) against the true ones, class by class
+            given, truth = prediction.bool(), target.bool()
+            for row, hits in enumerate((given & truth, given & ~truth, ~given & truth)):
+                self.labels[row] += hits.sum(0)
+            return
         self.confusion.update(prediction, target)
         if (confidence := outputs.get("confidence")) is not None:
             which = (confidence.double() * self.BINS).long().clamp(max=self.BINS - 1)
@@ -178,11 +201,13 @@ class Report(Callback):
             self.wrong.append((batch[0][i].cpu(), target[i].item(), prediction[i].item()))
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        matrix = self.confusion.compute().cpu()  # synced over DDP ranks: every rank takes part
         bins = trainer.strategy.reduce(self.bins, reduce_op="sum").cpu()  # every rank takes part
+        labels = trainer.strategy.reduce(self.labels, reduce_op="sum").cpu()
+        multilabel = bool(pl_module.hparams.get("multilabel"))
+        matrix = None if multilabel else self.confusion.compute().cpu()  # synced over DDP ranks: every rank takes part
         classes = pl_module.hparams.classes
         reliability = _reliability_figure(bins) if bins[0].sum() > 0 else None
-        table = _per_class(matrix, classes)
+        table = _per_label(labels, classes) if multilabel else _per_class(matrix, classes)
         if trainer.is_global_zero and not trainer.fast_dev_run:  # a dry run writes nothing
             text = io.StringIO()
             csv.writer(text, lineterminator="\n").writerows(table)
@@ -197,7 +222,8 @@ class Report(Callback):
         step = trainer.global_step
         markdown = "\n".join("| " + " | ".join(row[:5]) + " |" for row in table)
         writer.add_text("test/per_class", markdown.replace("\n", "\n|---|---|---|---|---|\n", 1), step)
-        writer.add_figure("test/confusion_matrix", _confusion_figure(matrix, classes), step)
+        if matrix is not None:
+            writer.add_figure("test/confusion_matrix", _confusion_figure(matrix, classes), step)
         if reliability is not None:
             writer.add_figure("test/reliability", reliability, step)
         if self.wrong:
@@ -207,6 +233,20 @@ class Report(Callback):
         if best > float("-inf"):  # not for a test of a checkpoint that never validated
             metrics["val/acc_best"] = best
         logger.log_hyperparams({**pl_module.hparams, **getattr(trainer.datamodule, "hparams", {})}, metrics)
+
+
+def _per_label(labels: torch.Tensor, classes) -> list[list[str]]:
+    """The multi-label test report's rows: per class its support (images that have it) and the precision, recall and
+    F1 of giving it at the model's threshold; and their macro means."""
+    tp, fp, fn = labels.double()
+    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), 0)
+    recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), 0)
+    f1 = torch.where(tp > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), 0)
+    rows = [["class", "support", "precision", "recall", "f1"]]
+    for i, name in enumerate(map(str, classes)):
+        rows.append([name, str(int(tp[i] + fn[i])), *(f"{v[i]:.4f}" for v in (precision, recall, f1))])
+    rows.append(["macro mean", str(int((tp + fn).sum())), *(f"{v.mean():.4f}" for v in (precision, recall, f1))])
+    return rows
 
 
 def _per_class(matrix: torch.Tensor, classes) -> list[list[str]]:

@@ -144,6 +144,10 @@ def _classes_of(data: ImageData) -> list[str]:
     return list(data.classes)
 
 
+def _multilabel_of(data: ImageData) -> bool:
+    return bool(getattr(data, "multilabel", False))  # optional in a data module (project.data.ImageData)
+
+
 class CLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` or a subclass (``--model FILE.Class``) on any LightningDataModule that
     meets :class:`project.data.ImageData` (``--data FILE.Class``; ``configs/default.yaml``'s is
@@ -198,6 +202,7 @@ class CLI(LightningCLI):
         parser.add_lightning_class_args(CSVPredictionWriter, "predictions")
         parser.link_arguments("data", "model.init_args.in_shape", compute_fn=_shape_of, apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.classes", compute_fn=_classes_of, apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.multilabel", compute_fn=_multilabel_of, apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
         # args is always a list here (main passes sys.argv's); LightningCLI would warn that both are set

@@ -13,6 +13,10 @@ from torchmetrics.classification import (
     BinaryCalibrationError,
     F1Score,
     MulticlassCalibrationError,
+    MultilabelAccuracy,
+    MultilabelAveragePrecision,
+    MultilabelExactMatch,
+    MultilabelF1Score,
     Recall,
 )
 
@@ -142,6 +146,7 @@ class ImageClassifier(LightningModule):
         norm_bias_decay: bool = True,
         class_weights: Literal["balanced"] | list[float] | None = None,
         calibrate: bool = False,
+        multilabel: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -155,7 +160,10 @@ class ImageClassifier(LightningModule):
         num_classes = len(classes)
         if num_classes < 2:
             raise ConfigError(f"model.classes={list(classes)}: classification needs two or more classes.")
-        self.binary = num_classes == 2
+        self.binary = num_classes == 2 and not multilabel
+        if multilabel and (class_weights is not None or calibrate):
+            raise ConfigError("the data is multi-label (several classes an image): model.class_weights and "
+                              "model.calibrate are for one class an image; leave them unset.")  # fmt: skip
         if isinstance(class_weights, list) and (len(class_weights) != num_classes or min(class_weights) <= 0):
             raise ConfigError(f"model.class_weights={class_weights}: give one positive weight per class "
                               f"({num_classes}), or balanced.")  # fmt: skip
@@ -190,10 +198,24 @@ class ImageClassifier(LightningModule):
                   "recall": Recall(**task, average="macro")}  # fmt: skip
         if not self.binary and num_classes > 5:
             scores["acc_top5"] = Accuracy(**task, top_k=5)
-        self.val_metrics = MetricCollection(scores, prefix="val/")
         # expected calibration error: how far the test's confidences are from its accuracy (15 bins)
         ece = BinaryCalibrationError(n_bins=15) if self.binary else MulticlassCalibrationError(num_classes, n_bins=15)
-        self.test_metrics = MetricCollection({**scores, "ece": ece}, prefix="test/").clone()
+        tested = {"ece": ece}
+        # the class probability at and above which an image is given a class (multi-label): set on each validation
+        self.register_buffer("threshold", torch.tensor(0.5))
+        if multilabel:  # of the labels above the threshold; mAP of the probabilities themselves
+            labels = {"num_labels": num_classes, "validate_args": False}
+            scores = {"acc": MultilabelAccuracy(**labels, average="micro"), "f1": MultilabelF1Score(**labels),
+                      "exact_match": MultilabelExactMatch(**labels)}  # fmt: skip
+            tested = {}
+        self.val_metrics = MetricCollection(scores, prefix="val/")
+        self.test_metrics = MetricCollection({**scores, **tested}, prefix="test/").clone()
+        ranking = (
+            MetricCollection({"map": MultilabelAveragePrecision(num_classes, average="macro")}) if multilabel else None
+        )
+        self.val_ranking = ranking.clone(prefix="val/") if ranking is not None else None
+        self.test_ranking = ranking.clone(prefix="test/") if ranking is not None else None
+        self.val_probabilities: list[tuple[torch.Tensor, torch.Tensor]] = []
         # the logits' temperature (forward divides by it): 1 until calibrate fits it on a validation, then saved with
         # the checkpoint, used by test and predict and exported with the graph
         self.register_buffer("temperature", torch.ones(()))
@@ -210,7 +232,13 @@ class ImageClassifier(LightningModule):
         """Every name this module logs; callbacks may only monitor these."""
         names = {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc_best", "test/loss"}
         names |= {"val/temperature"} if self.hparams.calibrate else set()
+        names |= {"val/threshold", "val/map", "test/map"} if self.hparams.multilabel else set()
         return names | set(self.val_metrics.keys()) | set(self.test_metrics.keys())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a checkpoint of a run from before these buffers existed: their values then, the defaults
+        for name in ("class_weight", "temperature", "threshold"):
+            checkpoint.get("state_dict", {}).setdefault(name, getattr(self, name).clone())
 
     @property
     def num_classes(self) -> int:
@@ -295,6 +323,10 @@ class ImageClassifier(LightningModule):
         """The objective: ``logits`` ``(N, num_classes)``, ``target`` labels ``(N,)`` or class probabilities ``(N,
         num_classes)`` (mixup, cutmix). Cross-entropy, or for two classes binary cross-entropy on the positive logit;
         ``weight`` per class (the training loss's ``class_weights``)."""
+        if self.hparams.multilabel:  # one yes-or-no per class: smoothed towards 0.5, as the binary case
+            return F.binary_cross_entropy_with_logits(
+                logits, target.float() * (1 - label_smoothing) + 0.5 * label_smoothing
+            )
         if self.binary:
             target = target.float() if target.ndim == 1 else target[:, 1]  # soft targets: the positive class's share
             target = target * (1 - label_smoothing) + 0.5 * label_smoothing
@@ -321,8 +353,16 @@ class ImageClassifier(LightningModule):
         return self.loss(logits, y, smoothing, **extra), logits, y
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """What the metrics take: the positive class's probability for binary, the logits otherwise."""
+        """What the metrics take: the positive class's probability for binary, the classes at or above the threshold
+        for multi-label (0/1), the logits otherwise."""
+        if self.hparams.multilabel:
+            return (torch.sigmoid(logits) >= self.threshold).int()
         return torch.sigmoid(logits[:, 1]) if self.binary else logits
+
+    def _update(self, metrics, ranking, logits: torch.Tensor, y: torch.Tensor) -> None:
+        metrics.update(self._scores(logits), y.int() if self.hparams.multilabel else y)
+        if ranking is not None:
+            ranking.update(torch.sigmoid(logits), y.int())
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         weight = self.class_weight if self.hparams.class_weights is not None else None
@@ -330,8 +370,12 @@ class ImageClassifier(LightningModule):
         with torch.no_grad():
             self.train_loss_sum += loss * len(y)
             predictions = logits.argmax(1)
-            # a mixed image counts as right by the share of its target that the predicted class has
-            hits = predictions.eq(y) if y.ndim == 1 else y.gather(1, predictions[:, None])
+            # a mixed image counts as right by the share of its target that the predicted class has; a multi-label one
+            # by the share of its classes that are right at 0.5
+            if self.hparams.multilabel:
+                hits = ((logits > 0) == y.bool()).float().mean(1)
+            else:
+                hits = predictions.eq(y) if y.ndim == 1 else y.gather(1, predictions[:, None])
             self.train_hits += hits.sum()
         self.train_seen += len(y)
         # logged only where the logger writes it (as Lightning's LearningRateMonitor decides): self.log costs about as
@@ -353,10 +397,14 @@ class ImageClassifier(LightningModule):
         loss, logits, y = self._step(batch)
         if self.hparams.calibrate and not self.trainer.sanity_checking:
             self.val_logits.append((logits.detach().float(), y))
-        self.val_metrics.update(self._scores(logits), y)
+        if self.hparams.multilabel and not self.trainer.sanity_checking:
+            self.val_probabilities.append((torch.sigmoid(logits.detach().float()), y))
+        self._update(self.val_metrics, self.val_ranking, logits, y)
         self.val_loss.update(loss, weight=len(y))
         self.log("val/loss", self.val_loss, prog_bar=True)
         self.log_dict(self.val_metrics, prog_bar=False)
+        if self.val_ranking is not None:
+            self.log_dict(self.val_ranking)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -369,6 +417,11 @@ class ImageClassifier(LightningModule):
             logits, y = gather(self, logits), gather(self, y)
             self.temperature.fill_(fit_temperature(logits, y))
             self.log("val/temperature", self.temperature)
+        if self.val_probabilities:  # the threshold for the next epoch's validation, and the checkpoints' test
+            probabilities, y = (gather(self, torch.cat(parts)) for parts in zip(*self.val_probabilities, strict=True))
+            self.val_probabilities.clear()
+            self.threshold.fill_(best_threshold(probabilities, y))
+            self.log("val/threshold", self.threshold)
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The logits of ``images``, averaged over the views ``tta`` names, over the temperature."""
@@ -384,17 +437,22 @@ class ImageClassifier(LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         loss, logits, y = self._step(batch, self.tta_logits(batch[0]))
-        self.test_metrics.update(self._scores(logits), y)
+        self._update(self.test_metrics, self.test_ranking, logits, y)
         self.test_loss.update(loss, weight=len(y))
         self.log("test/loss", self.test_loss)
         self.log_dict(self.test_metrics)
+        if self.test_ranking is not None:
+            self.log_dict(self.test_ranking)
+            return {"prediction": self._scores(logits), "target": y}  # the classes each image is given (N, classes)
         # for callbacks that report on the test set (confusion matrix, misclassified images, reliability)
         return {"prediction": logits.argmax(1), "target": y, "confidence": logits.softmax(1).amax(1)}
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Each image's probability per class (for binary: "not positive", positive), and its label (-1 if unknown)."""
+        """Each image's probability per class (for binary: "not positive", positive; for multi-label, each class's own),
+        and its label (-1 if unknown)."""
         x, y = batch
-        return {"target": y, "probabilities": self.tta_logits(x).softmax(1)}
+        logits = self.tta_logits(x)
+        return {"target": y, "probabilities": torch.sigmoid(logits) if self.hparams.multilabel else logits.softmax(1)}
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -433,6 +491,17 @@ class ImageClassifier(LightningModule):
         if given.get("cycle_momentum") and not {"momentum", "betas"} & optimizer.defaults.keys():
             extra["cycle_momentum"] = False
         return self.scheduler(optimizer, **extra)
+
+
+def best_threshold(probabilities: torch.Tensor, target: torch.Tensor) -> float:
+    """The class-probability threshold, of 0.05, 0.10, ... 0.95, at which the classes given reach the best macro F1 on
+    these (validation) images; the lowest of equals."""
+    grid = torch.arange(1, 20, dtype=probabilities.dtype, device=probabilities.device) / 20
+    given = probabilities[None] >= grid[:, None, None]  # (thresholds, images, classes)
+    truth = target.bool()[None]
+    tp, fp, fn = ((given & truth).sum(1), (given & ~truth).sum(1), (~given & truth).sum(1))
+    f1 = (2 * tp / (2 * tp + fp + fn).clamp(min=1)).float().mean(1)
+    return float(grid[int(f1.argmax())])
 
 
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:

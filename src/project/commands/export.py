@@ -129,6 +129,10 @@ def main(argv: list[str]) -> None:
             shutil.rmtree(args.out, ignore_errors=True)
         raise
     shape, classes = list(model.hparams.in_shape), list(model.hparams.classes)
+    output = {"name": "logits", "shape": ["batch", len(classes)], "meaning": "one logit per class"}
+    if model.hparams.get("multilabel"):  # the classes given: those whose probability reaches the threshold
+        output |= {"meaning": "one logit per class: its sigmoid is the class's probability (multi-label)",
+                   "threshold": float(model.threshold)}  # fmt: skip
     info = {
         "classes": classes,
         "input": {
@@ -137,7 +141,7 @@ def main(argv: list[str]) -> None:
             "dtype": "uint8",
             "layout": f"NCHW, {'RGB' if shape[0] == 3 else 'grayscale'}, 0-255",
         },
-        "output": {"name": "logits", "shape": ["batch", len(classes)], "meaning": "one logit per class"},
+        "output": output,
         "resize": f"images must be resized to {shape[1]}x{shape[2]} (height x width) before they go in, as in "
         "training: turned upright by their EXIF orientation, bilinear with antialiasing",
         "normalisation (inside the model)": {

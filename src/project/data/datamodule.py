@@ -229,6 +229,12 @@ class ImageDataModule(LightningDataModule):
             raise ConfigError(
                 f"data.positive_class={positive_class} is not a class of {self.title} (0..{len(self.all_classes) - 1})."
             )
+        if self.source.multilabel and (positive_class is not None or balanced or mixup_alpha or cutmix_alpha):
+            raise ConfigError(
+                f"{self.source.title} is multi-label: data.positive_class, data.balanced, data.mixup_alpha and "
+                "data.cutmix_alpha are for one class an image (mixup's and cutmix's torchvision transforms take class "
+                "indices); leave them unset."
+            )
         from torchvision.transforms import v2
 
         mixes = [mix(alpha=alpha, num_classes=self.num_classes)
@@ -245,9 +251,15 @@ class ImageDataModule(LightningDataModule):
         return len(self.classes)
 
     @property
+    def multilabel(self) -> bool:
+        """Whether an image has any number of the classes (labels as 0/1 rows): the source's."""
+        return bool(self.source.multilabel)
+
+    @property
     def class_counts(self) -> list[int]:
         """Training images per class (after ``setup("fit")``)."""
-        return torch.bincount(self.train_set.y.cpu(), minlength=self.num_classes).tolist()
+        y = self.train_set.y.cpu()
+        return (y.sum(0) if y.ndim == 2 else torch.bincount(y, minlength=self.num_classes)).tolist()
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -313,7 +325,7 @@ class ImageDataModule(LightningDataModule):
         """How many images each split holds, and the train split per class: what a run is about to train on."""
         splits = (("train", self.train_set), ("validation", self.val_set), ("test", self.test_set))
         sizes = ", ".join(f"{name} {len(split):,}" for name, split in splits if split is not None)
-        counts = torch.bincount(self.train_set.y, minlength=self.num_classes).tolist()
+        counts = self.class_counts
         per_class = ", ".join(f"{c} {n:,}" for c, n in zip(self.classes, counts, strict=True))
         if len(counts) > 12:
             per_class = f"{min(counts):,} to {max(counts):,} a class"

@@ -226,7 +226,7 @@ def load(
 
 
 def _check_classes(layout: Layout, labels: torch.Tensor, skipped: list[Path]) -> None:
-    counts = torch.bincount(labels, minlength=len(layout.classes))
+    counts = labels.sum(0) if labels.ndim == 2 else torch.bincount(labels, minlength=len(layout.classes))
     empty = [layout.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
     if empty:
         raise DataError(
@@ -276,12 +276,16 @@ def expand(patterns: list[str]) -> list[Path]:
     return list(once.values())
 
 
-def scan_csv(path: str | Path, classes: list[str] | None = None) -> Layout:
+def scan_csv(path: str | Path, classes: list[str] | None = None, multilabel: bool = False) -> Layout:
     """The images a CSV file lists with their labels: columns ``path`` (relative to the CSV's folder, or absolute),
     ``label``, and optionally ``split`` (``train``, ``val``, ``test``, or their folder names' other spellings; empty:
     ``train``). The classes are ``classes`` where given (label order), else the train rows' labels, sorted. Missing
     files, unknown labels or splits, and rows that name a file twice each stop it with one message naming their rows
-    (line numbers, the header being line 1)."""
+    (line numbers, the header being line 1).
+
+    ``multilabel``: an image has any number of the labels, given as ``label`` ``a|b|c`` (empty: none), or as one
+    column of 0 or 1 per label (every column besides path and split, in their order, without a ``label`` column);
+    each image's labels are then a 0/1 row of the classes."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark a spreadsheet may write
@@ -290,13 +294,15 @@ def scan_csv(path: str | Path, classes: list[str] | None = None) -> Layout:
             rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"data.source.csv {path} cannot be read as a CSV file: {err}") from None
-    if not {"path", "label"} <= set(header):
+    wide = [c for c in header if c not in ("path", "split")] if multilabel and "label" not in header else []
+    if "path" not in header or not ("label" in header or len(wide) >= 2):
+        wanted = "path, and label or a column per label" if multilabel else "path and label"
         raise DataError(f"data.source.csv {path} has the columns {', '.join(header) or 'none'}; it needs a header with "
-                        "path and label (and optionally split).")  # fmt: skip
+                        f"{wanted} (and optionally split).")  # fmt: skip
     if not rows:
         raise DataError(f"data.source.csv {path} lists no images.")
     spellings = {name: split for split, names in SPLITS.items() for name in names}
-    problems: dict[str, list[str]] = {"missing": [], "split": [], "label": [], "twice": []}
+    problems: dict[str, list[str]] = {"missing": [], "split": [], "label": [], "value": [], "twice": []}
     seen: dict[Path, int] = {}
     listed = []
     for line, row in rows:
@@ -312,18 +318,29 @@ def scan_csv(path: str | Path, classes: list[str] | None = None) -> Layout:
             problems["twice"].append(f"line {line} ({row['path']}, as line {seen[real]})")
             continue
         seen[real] = line
-        listed.append((line, split, file, (row["label"] or "").strip()))
-    names = tuple(classes) if classes else tuple(sorted({label for _, split, _, label in listed if split == "train"}))
-    splits: dict[str, tuple[list[Path], list[int]]] = {}
-    for line, split, file, label in listed:
-        if label not in names:
-            problems["label"].append(f"line {line} ({label!r})")
+        if wide:
+            cells = {c: (row[c] or "").strip() for c in wide}
+            if bad := [f"{c}={v!r}" for c, v in cells.items() if v not in ("0", "1")]:
+                problems["value"].append(f"line {line} ({', '.join(bad)})")
+                continue
+            labels = tuple(c for c, v in cells.items() if v == "1")
+        elif multilabel:
+            labels = tuple(part.strip() for part in (row["label"] or "").split("|") if part.strip())
+        else:
+            labels = ((row["label"] or "").strip(),)
+        listed.append((line, split, file, labels))
+    given = tuple(classes) if classes else tuple(wide)
+    names = given or tuple(sorted({label for _, split, _, labels in listed if split == "train" for label in labels}))
+    splits: dict[str, tuple[list[Path], list]] = {}
+    for line, split, file, labels in listed:
+        if unknown := [label for label in labels if label not in names]:
+            problems["label"].append(f"line {line} ({', '.join(map(repr, unknown))})")
             continue
-        files, labels = splits.setdefault(split, ([], []))
+        files, targets = splits.setdefault(split, ([], []))
         files.append(file)
-        labels.append(names.index(label))
+        targets.append([int(n in labels) for n in names] if multilabel else names.index(labels[0]))
     what = {"missing": "a file that does not exist", "split": "a split that is not train, val or test",
-            "label": f"a label that is none of the classes ({', '.join(names)})",
+            "label": f"a label that is none of the classes ({', '.join(names)})", "value": "a label cell not 0 or 1",
             "twice": "a file that an earlier line names"}  # fmt: skip
     said = []
     for kind, found in problems.items():
@@ -336,7 +353,9 @@ def scan_csv(path: str | Path, classes: list[str] | None = None) -> Layout:
     if "train" not in splits or len(names) < 2:
         raise DataError(f"data.source.csv {path} has {len(splits.get('train', ([], []))[0])} train rows of "
                         f"{len(names)} classes: it needs train rows of two classes or more.")  # fmt: skip
-    empty = [n for i, n in enumerate(names) if i not in splits["train"][1]]
+    train = torch.tensor(splits["train"][1])
+    counts = train.sum(0) if multilabel else torch.bincount(train, minlength=len(names))
+    empty = [n for n, count in zip(names, counts.tolist(), strict=True) if not count]
     if empty:
         raise DataError(f"data.source.csv {path}: the classes {', '.join(empty)} have no train rows.")
     return Layout(path.parent.absolute(), names, splits, [], [], origin=path.absolute())

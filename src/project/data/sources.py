@@ -69,6 +69,7 @@ class Source(ABC):
 
     mean: tuple[float, ...] | None = None  # per channel, in 0..1 units; None: measured on the train split
     std: tuple[float, ...] | None = None
+    multilabel = False  # True: labels are 0/1 rows (N, classes), any number of classes an image
 
     @property
     @abstractmethod
@@ -192,7 +193,8 @@ class CSVLabels(ImageFolder):
     """Images listed in a CSV file with their labels (:func:`project.data.folder.scan_csv`): a header with ``path``
     (relative to the CSV's folder) and ``label``, and optionally ``split`` (``train``, ``val``, ``test``; a split it
     lacks is carved from train). Decoded, cached, split and predicted as a folder's images are; ``classes`` sets their
-    order (and which labels are known), else the train rows' labels, sorted."""
+    order (and which labels are known), else the train rows' labels, sorted. ``multilabel``: any number of labels an
+    image, as ``label`` ``a|b|c`` or as a 0/1 column per label; the labels are then 0/1 rows ``(N, classes)``."""
 
     def __init__(
         self,
@@ -201,9 +203,10 @@ class CSVLabels(ImageFolder):
         channels: Literal[1, 3] = 3,
         classes: list[str] | None = None,
         in_memory_max_mb: int = 2048,
+        multilabel: bool = False,
     ):
         super().__init__(AbsolutePath(Path(csv).parent), image_size, channels, in_memory_max_mb)
-        self.csv, self.given_classes = Path(csv), classes
+        self.csv, self.given_classes, self.multilabel = Path(csv), classes, multilabel
 
     title = property(lambda self: f"CSV {self.csv}")
 
@@ -213,7 +216,7 @@ class CSVLabels(ImageFolder):
 
     @functools.cached_property
     def _layout(self) -> folders.Layout:
-        return folders.scan_csv(self.csv, self.given_classes)
+        return folders.scan_csv(self.csv, self.given_classes, self.multilabel)
 
     def fingerprint(self, data_dir: Path) -> dict:
         return {"csv": str(self.csv), "listing": folders.listing_key(self._layout, self.size_hw, self.channels)}
