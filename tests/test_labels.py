@@ -2,6 +2,7 @@
 from a CSV, calibrated probabilities (temperature scaling, ECE, reliability diagram)."""
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from torchvision.io import write_png
 from project.commands.compare import paired_t, table_of_seeds
 from project.data import registry
 from project.data.datamodule import _BalancedEpochSample
-from project.module import ImageClassifier, fit_temperature
+from project.data.folder import scan_csv
+from project.errors import DataError
+from project.module import ImageClassifier, best_threshold, fit_temperature
 
 
 def imbalanced_folder(root: Path, fashion_dir: Path, train: dict[str, int], test: int) -> Path:
@@ -209,3 +212,99 @@ def test_the_paired_test_pairs_runs_by_fold_and_matches_a_table():
                         for k in (2, 0, 1)]}  # fmt: skip
     rows, _ = table_of_seeds(results, {}, None, paired=True)
     assert [r["p vs best (paired)"] for r in rows] == ["best", "0.074"]
+
+
+def multilabel_csv(folder: Path) -> Path:
+    """The folder's images with several labels each: "striped" for every third one, "dark" for every fourth, and its
+    class, given as label a|b|c."""
+    files = sorted(p.relative_to(folder) for p in folder.rglob("*.png"))
+    rows = []
+    for i, f in enumerate(files):
+        labels = ["striped"] * (i % 3 == 0) + ["dark"] * (i % 4 == 0) + [f.parent.name]
+        rows.append((str(f), "|".join(labels), "train" if i % 10 < 8 else "val" if i % 10 == 8 else "test"))
+    return write_csv(folder / "multi.csv", rows)
+
+
+@pytest.mark.slow
+def test_a_multilabel_csv_trains_predicts_with_its_threshold_and_exports(tmp_path, image_folder):
+    folder = Path(shutil.copytree(image_folder, tmp_path / "images"))
+    table = multilabel_csv(folder)
+    fit = [*csv_fit(tmp_path, table, "--trainer.max_epochs=2"), "--data.source.multilabel=true",
+           "--model.label_smoothing=0.1"]  # fmt: skip
+    result = invoke(fit)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "logs" / "folder" / "version_0"
+    rows = report(run)
+    assert list(rows) == ["bag", "dark", "sneaker", "striped", "trouser", "macro mean"]
+    with open(run / "record.csv") as f:
+        record = list(csv.DictReader(f))
+    threshold = float(next(r for r in record if r["val/threshold"])["val/threshold"])
+    assert 0 < threshold < 1 and all(record[-1][k] for k in ("test/map", "test/exact_match", "test/f1"))
+    predict = ["predict", f"--config={run / 'config.yaml'}", "--ckpt_path=last", "--predictions.top_k=5"]
+    assert invoke(predict).returncode == 0
+    with open(run / "predict_0" / "predictions.csv") as f:
+        predicted = list(csv.DictReader(f))
+    model = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
+    for row in predicted:  # the labels given: every class whose probability reaches the checkpoint's threshold
+        probability = {row["class_name"]: float(row["probability"])}
+        probability |= {row[f"class_{k}"]: float(row[f"probability_{k}"]) for k in range(2, 6)}
+        given = {c for c, p in probability.items() if p >= model.threshold.item()}
+        assert set(filter(None, row["labels"].split("|"))) == given
+    with open(table) as f:
+        tested = [row for row in csv.DictReader(f) if row["split"] == "test"]
+    # the true labels in the classes' order (the CSV gave "striped|bag")
+    assert len(predicted) == len(tested) and "bag|striped" in {r["target"] for r in predicted}
+    result = invoke(["export", str(run), "--ckpt_path=last"])
+    n = len(tested)
+    assert result.returncode == 0 and f"top-1 agreement {n}/{n}\n  model.pt2" in result.stdout, result.stderr
+    info = json.loads((run / "export_0" / "model.json").read_text())
+    assert info["output"]["threshold"] == pytest.approx(model.threshold.item())
+
+
+def test_multilabel_labels_as_columns_and_what_multilabel_refuses(tmp_path, image_folder):
+    folder = Path(shutil.copytree(image_folder, tmp_path / "images"))
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    table = write_csv(folder / "wide.csv", [(files[0], "1", "0"), (files[1], "1", "1"), (files[2], "0", "0")],
+                      header="path,cat,dog")  # fmt: skip
+    layout = scan_csv(table, multilabel=True)
+    assert layout.classes == ("cat", "dog") and layout.splits["train"][1] == [[1, 0], [1, 1], [0, 0]]
+    write_csv(table, [(files[0], "1", "2"), (files[1], "yes", "1")], header="path,cat,dog")
+    bad = r"2 rows have a label cell not 0 or 1: line 2 \(dog='2'\), line 3 \(cat='yes'\)"
+    with pytest.raises(DataError, match=bad):
+        scan_csv(table, multilabel=True)
+    multi = multilabel_csv(folder)
+    for flag, said in (("--data.mixup_alpha=0.2", "data.mixup_alpha"), ("--data.balanced=true", "data.balanced"),
+                       ("--model.calibrate=true", "model.calibrate"), ("--model.class_weights=balanced",
+                                                                       "model.class_weights")):  # fmt: skip
+        result = invoke([*csv_fit(tmp_path, multi), "--data.source.multilabel=true", flag])
+        assert result.returncode == 2 and said in result.stderr and "multi-label" in result.stderr, result.stderr
+
+
+def test_the_threshold_is_the_one_with_the_best_macro_f1():
+    target = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0]])
+    probabilities = torch.tensor([[0.7, 0.1], [0.62, 0.2], [0.3, 0.65], [0.58, 0.2]])
+    # at 0.60 and 0.65 both classes are exactly right; above, class 1 is lost; below, image 3 gets class 0
+    assert best_threshold(probabilities, target) == pytest.approx(0.6)
+
+
+def test_a_checkpoint_from_before_the_new_buffers_still_loads(tmp_path, fashion_dir):
+    assert invoke(fit_args(tmp_path, fashion_dir)).returncode == 0
+    last = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    for name in ("class_weight", "temperature", "threshold"):
+        del checkpoint["state_dict"][name]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    model = ImageClassifier.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    assert model.temperature.item() == 1 and model.threshold.item() == 0.5
+    assert invoke(["test", f"--ckpt_path={tmp_path / 'old.ckpt'}", f"--data.data_dir={fashion_dir}",
+                   "--trainer.limit_test_batches=2"]).returncode == 0  # fmt: skip
+
+
+def test_label_smoothing_of_multilabel_targets_pulls_each_towards_one_half():
+    model = ImageClassifier(net=lambda shape, n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, n)),
+                            optimizer=torch.optim.SGD, scheduler=None, scheduler_interval="step", in_shape=(1, 2, 2),
+                            classes=["a", "b", "c"], channels_last=False, multilabel=True)  # fmt: skip
+    logits, target = torch.randn(5, 3), torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0], [1, 0, 0]])
+    expected = F.binary_cross_entropy_with_logits(logits, target.float() * 0.8 + 0.1)
+    assert torch.allclose(model.loss(logits, target, label_smoothing=0.2), expected)
+    assert model.net[1].out_features == 3  # one output per class, two classes or more
