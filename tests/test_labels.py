@@ -5,6 +5,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnxruntime
 import pytest
@@ -18,7 +19,7 @@ from project.commands.compare import paired_t, table_of_seeds
 from project.data import registry
 from project.data.datamodule import _BalancedEpochSample
 from project.data.folder import scan_csv
-from project.errors import DataError
+from project.errors import ConfigError, DataError
 from project.module import ImageClassifier, best_threshold, fit_temperature
 
 
@@ -114,7 +115,8 @@ def test_a_csv_s_bad_rows_are_named_by_line(tmp_path, image_folder):
     image_folder = Path(shutil.copytree(image_folder, tmp_path / "images"))
     good = sorted(str(p.relative_to(image_folder)) for p in image_folder.rglob("*.png"))
     rows = [(good[0], "bag", "train"), (good[150], "trouser", ""), ("bag/nowhere.png", "bag", "train"),
-            (good[0], "bag", "test"), (good[1], "cat", "train"), (good[2], "bag", "holdout")]  # fmt: skip
+            (good[0], "bag", "test"), (good[1], "cat", "train"), (good[2], "bag", "holdout"),
+            (good[3], "", "train")]  # fmt: skip
     table = write_csv(image_folder / "bad.csv", rows)
     result = invoke([*csv_fit(tmp_path, table), "--data.source.classes=[bag,trouser]"])
     message = result.stderr.strip().splitlines()
@@ -122,8 +124,11 @@ def test_a_csv_s_bad_rows_are_named_by_line(tmp_path, image_folder):
     for said in ("1 row has a file that does not exist: line 4 (bag/nowhere.png)",
                  "1 row has a split that is not train, val or test: line 7 ('holdout')",
                  "1 row has a label that is none of the classes (bag, trouser): line 6 ('cat')",
+                 "1 row has no label: line 8",
                  f"1 row has a file that an earlier line names: line 5 ({good[0]}, as line 2)"):  # fmt: skip
         assert said in message[0], message
+    result = invoke([*csv_fit(tmp_path, table), "--data.source.classes=[bag,trouser,bag]"])
+    assert result.returncode == 2 and "data.source.classes names bag more than once" in result.stderr
     for text, expected in (("name,label\na.png,b\n", "has the columns name, label; it needs a header with path and"),
                            ("path,label\n", "lists no images")):  # fmt: skip
         (image_folder / "bad.csv").write_text(text)
@@ -162,6 +167,8 @@ def test_calibrate_saves_the_temperature_and_predict_and_export_divide_by_it(tmp
     session = onnxruntime.InferenceSession(str(run / "export_0" / "model.onnx"))
     exported = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
     assert torch.allclose(torch.from_numpy(exported), raw / temperature, atol=1e-4)  # the temperature exported
+    info = json.loads((run / "export_0" / "model.json").read_text())
+    assert info["output"]["temperature"] == pytest.approx(temperature) and "temperature" in info["output"]["meaning"]
 
 
 def test_folds_partition_the_pool_and_leave_the_test_images_alone(image_folder, tmp_path):
@@ -179,6 +186,29 @@ def test_folds_partition_the_pool_and_leave_the_test_images_alone(image_folder, 
     held_out = [pool - train for train in trains]  # what each fold validates on
     assert len(pool) == 300 - len(tests[0]) and [len(h) for h in held_out] == vals
     assert set.union(*held_out) == pool and sum(map(len, held_out)) == len(pool)  # each pool image validates once
+    with pytest.raises(ConfigError, match="give 2 folds or more"):
+        ImageDataModule(ImageFolder(str(image_folder), image_size=28), 16, str(tmp_path), fold=1)  # no folds
+    # under DDP, each process's share of the training images must hold a batch
+    dm = ImageDataModule(ImageFolder(str(image_folder), image_size=28), 150, str(tmp_path), val_size=0.1)
+    dm.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ConfigError, match=r"data.batch_size=150 is more than the 1\d\d training images each of the 2"):
+        dm.setup("fit")
+
+
+def test_compare_folds_says_at_once_that_a_data_module_takes_no_folds(tmp_path, monkeypatch):
+    (tmp_path / "few.py").write_text(
+        "import lightning\n\n\nclass Few(lightning.LightningDataModule):\n"
+        "    def __init__(self, batch_size: int = 8):\n        super().__init__()\n"
+        "        self.shape, self.classes = (1, 28, 28), ['a', 'b']\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    (experiment / "base.yaml").write_text("data:\n  class_path: few.Few\n")
+    (experiment / "one.yaml").write_text("trainer:\n  max_epochs: 1\n")
+    result = invoke(["compare", str(experiment), "--folds=2", f"--logs={tmp_path / 'logs'}"])
+    assert result.returncode == 2 and "the data module needs both arguments" in result.stderr, result.stderr
+    assert "Option 'folds' is not accepted" in result.stderr and "training" not in result.stdout
 
 
 @pytest.mark.slow

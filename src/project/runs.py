@@ -159,6 +159,9 @@ def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint's contents, tensors memory-mapped (nothing is read until used), or ConfigError saying why it
     cannot be one: missing, empty, truncated, not a PyTorch file, or holding objects that unpickling could run."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--ckpt_path {path} is a directory: give a .ckpt file, or best or last (with --config "
+                          f"{path}/config.yaml for a run's own).")  # fmt: skip
     if not path.is_file():
         raise ConfigError(f"--ckpt_path {path}: no such file.")
     try:

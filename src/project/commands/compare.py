@@ -271,8 +271,17 @@ def main(argv: list[str]) -> None:
         variants_ = {label: [f"--config={c}"] for label, c in labels(args.configs).items()}
         name = args.name or "compare"
     directory = args.logs / name
+    directory.mkdir(parents=True, exist_ok=True)  # the table is written even when every run fails
     seeds = [None] if args.seeds == 1 else list(range(args.seeds))
     folds = [None] if args.folds == 1 else list(range(args.folds))
+    if folds != [None]:  # before any run: a data module without folds cannot take part
+        first = next(iter(variants_.values()))
+        try:
+            resolve([*first, f"--data.folds={args.folds}", "--data.fold=0", *extra], "compare --folds")
+        except ConfigError as err:
+            if "folds" in str(err):
+                raise ConfigError(f"{err}. compare --folds sets data.folds and data.fold: the data module needs both "
+                                  "arguments, as project.data.ImageDataModule has.") from None  # fmt: skip
     todo = [(v, s, k) for v in variants_ for s in seeds for k in folds]
     results: dict[str, list[dict]] = {v: [] for v in variants_}
     failures: dict[str, str] = {}

@@ -130,6 +130,9 @@ def main(argv: list[str]) -> None:
         raise
     shape, classes = list(model.hparams.in_shape), list(model.hparams.classes)
     output = {"name": "logits", "shape": ["batch", len(classes)], "meaning": "one logit per class"}
+    if float(getattr(model, "temperature", 1)) != 1:  # calibrated: the graph divides by it already
+        output["meaning"] += f", divided by the calibration temperature {float(model.temperature):.4f} (in the graph)"
+        output["temperature"] = float(model.temperature)
     if model.hparams.get("multilabel"):  # the classes given: those whose probability reaches the threshold
         output |= {"meaning": "one logit per class: its sigmoid is the class's probability (multi-label)",
                    "threshold": float(model.threshold)}  # fmt: skip

@@ -217,7 +217,7 @@ class ImageDataModule(LightningDataModule):
                     f"data.{key}={size} cannot split the train set: give a count of images (1 or more) "
                     "or a fraction between 0 and 1."
                 )
-        if folds is not None and not (folds >= 2 and 0 <= fold < folds):
+        if (folds is not None and not (folds >= 2 and 0 <= fold < folds)) or (folds is None and fold):
             raise ConfigError(f"data.folds={folds}, data.fold={fold}: give 2 folds or more, and a fold in 0..folds-1.")
         if min(mixup_alpha, cutmix_alpha) < 0 or not 0 <= random_erasing <= 1:
             raise ConfigError("data.mixup_alpha and data.cutmix_alpha cannot be negative; data.random_erasing is a "
@@ -357,6 +357,13 @@ class ImageDataModule(LightningDataModule):
         if carve_test:
             self.test_set = test
             self.test_paths = [pool.paths[i] for i in self._test_index.tolist()] if pool.paths else None
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        if processes > 1 and -(-len(self.train_set) // processes) < self.hparams.batch_size:
+            raise ConfigError(
+                f"data.batch_size={self.hparams.batch_size} is more than the {-(-len(self.train_set) // processes)} "
+                f"training images each of the {processes} processes gets of {len(self.train_set)}: no batch would "
+                "train. Lower data.batch_size (it is per process)."
+            )
         for name, split in (("validation", self.val_set), ("test", self.test_set)):
             if split is not None and not len(split):
                 raise DataError(f"the {name} split of {self.title} holds no images that torchvision can decode.")

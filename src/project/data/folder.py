@@ -228,6 +228,12 @@ def load(
 def _check_classes(layout: Layout, labels: torch.Tensor, skipped: list[Path]) -> None:
     counts = labels.sum(0) if labels.ndim == 2 else torch.bincount(labels, minlength=len(layout.classes))
     empty = [layout.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
+    if empty and layout.origin is not None:  # a CSV's classes are its labels, not folders
+        raise DataError(
+            f"the classes {', '.join(empty)} of {layout.origin} have no train image that torchvision can decode "
+            f"({len(skipped)} files skipped, e.g. {skipped[0] if skipped else 'none'}): replace the files, or their "
+            "rows."
+        )
     if empty:
         raise DataError(
             f"class folder(s) {', '.join(empty)} of {layout.root} hold no image that torchvision can decode "
@@ -290,7 +296,9 @@ def scan_csv(path: str | Path, classes: list[str] | None = None, multilabel: boo
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark a spreadsheet may write
             reader = csv.DictReader(f)
-            header = reader.fieldnames or []
+            # the column names as a spreadsheet may spell them ("Path", " label"); the cells as they are
+            header = [(name or "").strip().lower() for name in reader.fieldnames or []]
+            reader.fieldnames = header
             rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"data.source.csv {path} cannot be read as a CSV file: {err}") from None
@@ -301,8 +309,11 @@ def scan_csv(path: str | Path, classes: list[str] | None = None, multilabel: boo
                         f"{wanted} (and optionally split).")  # fmt: skip
     if not rows:
         raise DataError(f"data.source.csv {path} lists no images.")
+    if classes and len(set(classes)) < len(classes):
+        twice = sorted({c for c in classes if list(classes).count(c) > 1})
+        raise ConfigError(f"data.source.classes names {', '.join(twice)} more than once: give each class once.")
     spellings = {name: split for split, names in SPLITS.items() for name in names}
-    problems: dict[str, list[str]] = {"missing": [], "split": [], "label": [], "value": [], "twice": []}
+    problems: dict[str, list[str]] = {"missing": [], "split": [], "empty": [], "label": [], "value": [], "twice": []}
     seen: dict[Path, int] = {}
     listed = []
     for line, row in rows:
@@ -326,6 +337,9 @@ def scan_csv(path: str | Path, classes: list[str] | None = None, multilabel: boo
             labels = tuple(c for c, v in cells.items() if v == "1")
         elif multilabel:
             labels = tuple(part.strip() for part in (row["label"] or "").split("|") if part.strip())
+        elif not (row.get("label") or "").strip():  # one class an image: a row without one is a mistake
+            problems["empty"].append(f"line {line}")
+            continue
         else:
             labels = ((row["label"] or "").strip(),)
         listed.append((line, split, file, labels))
@@ -341,6 +355,7 @@ def scan_csv(path: str | Path, classes: list[str] | None = None, multilabel: boo
         targets.append([int(n in labels) for n in names] if multilabel else names.index(labels[0]))
     what = {"missing": "a file that does not exist", "split": "a split that is not train, val or test",
             "label": f"a label that is none of the classes ({', '.join(names)})", "value": "a label cell not 0 or 1",
+            "empty": "no label",
             "twice": "a file that an earlier line names"}  # fmt: skip
     said = []
     for kind, found in problems.items():
