@@ -37,6 +37,7 @@ def test_a_timm_weights_file_loads_into_the_body_and_the_head_is_rebuilt(tmp_pat
     assert net(torch.zeros(2, 1, 28, 28, dtype=torch.float32)).shape == (2, 5)
 
 
+@pytest.mark.slow
 def test_torchvision_weights_come_from_its_hub_cache_or_a_file_and_train(tmp_path, monkeypatch, fashion_dir):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     weights = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT
@@ -141,6 +142,7 @@ def test_the_body_is_frozen_then_unfrozen_in_its_parameter_groups_and_exports(tm
     assert f"top-1 agreement {n}/{n}\n  model.pt2" in result.stdout and result.stdout.count(f"{n}/{n}") == 2
 
 
+@pytest.mark.slow
 def test_init_from_a_run_loads_the_body_and_rebuilds_a_head_for_other_classes(tmp_path, fashion_dir):
     assert invoke(fit_args(tmp_path, fashion_dir)).returncode == 0
     run = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0"

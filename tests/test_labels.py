@@ -317,6 +317,7 @@ def test_the_threshold_is_the_one_with_the_best_macro_f1():
     assert best_threshold(probabilities, target) == pytest.approx(0.6)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_new_buffers_still_loads(tmp_path, fashion_dir):
     assert invoke(fit_args(tmp_path, fashion_dir)).returncode == 0
     last = tmp_path / "logs" / "fashion_mnist_cnn" / "version_0" / "checkpoints" / "last.ckpt"
