@@ -121,7 +121,9 @@ class ImageClassifier(LightningModule):
     the head; ``norm_bias_decay`` false exempts norms and biases from weight decay.
     ``calibrate`` fits a temperature on each validation's logits (temperature scaling): the checkpoints keep it, and
     ``forward`` (so ``test``, ``predict`` and the exported graph) divides the logits by it; the test logs its expected
-    calibration error, ``test/ece``, either way.
+    calibration error, ``test/ece``, either way. ``multilabel`` (from the data module, ``data.multilabel``): any number
+    of classes an image, targets 0/1 rows; one sigmoid output per class, binary cross-entropy, and the classes given
+    are those whose probability reaches ``threshold``, set on each validation for the best macro F1.
     Arguments without a default here take theirs from ``configs/default.yaml``.
     """
 
@@ -268,7 +270,8 @@ class ImageClassifier(LightningModule):
                 print(line)
         if self.hparams.freeze_epochs and isinstance(getattr(self._trainer, "strategy", None), DDPStrategy):
             # a frozen body's parameters have no gradients for DDP to reduce: DDP must look for them each step.
-            # Lightning sets it only by the strategy's name (ddp_find_unused_parameters_true) or constructor
+            # Lightning 2.6.6 sets it only by the strategy's name (ddp_find_unused_parameters_true) or its constructor,
+            # with no public setter: its private _ddp_kwargs, read when the strategy wraps the model, after setup
             self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_train_epoch_start(self) -> None:
