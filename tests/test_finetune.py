@@ -55,6 +55,10 @@ def test_torchvision_weights_come_from_its_hub_cache_or_a_file_and_train(tmp_pat
         assert net.pretrained_stats[0] == (IMAGENET[0] if channels == 3 else (sum(IMAGENET[0]) / 3,))
     named = Backbone((3, 32, 32), 4, "mobilenet_v3_small", library="torchvision", weights=str(cached))
     assert torch.equal(named.model.state_dict()[stem], pretrained[stem]) and named.pretrained_stats is not None
+    # layer-wise decay looks into the wrapper: the features' blocks in order, the classifier's layers after them
+    depth = finetune.layers(named)
+    first, block, last = (depth[f"model.{k}.weight"] for k in ("features.0.0", "features.12.0", "classifier.3"))
+    assert first == 0 < block < last and len(set(depth.values())) > 10
     net = ["--model.net=project.models.Backbone", "--model.net.library=torchvision", "--model.net.pretrained=true",
            "--model.net.name=mobilenet_v3_small", "--model.net.image_size=32"]  # fmt: skip
     result = invoke(fit_args(tmp_path, fashion_dir, *net, "--model.freeze_epochs=1"))

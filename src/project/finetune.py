@@ -32,17 +32,24 @@ def head_of(net: nn.Module) -> nn.Module:
 
 def layers(net: nn.Module) -> dict[str, int]:
     """Each parameter's depth from the stem (0) up: the net's own ``layer_ids()`` (a timm backbone's grouping of its
-    blocks), or else its top-level modules in order, each child of a top-level ``Sequential`` a layer of its own."""
+    blocks), or else its top-level modules in order, each child of a top-level ``Sequential`` a layer of its own; a
+    wrapper that holds its whole net in one child (a torchvision :class:`~project.models.Backbone`) is looked into."""
     given = net.layer_ids() if callable(getattr(net, "layer_ids", None)) else {}
     if given:
         return given
+    prefix, inner = "", net
+    while not any(True for _ in inner.parameters(recurse=False)):
+        holding = [(n, c) for n, c in inner.named_children() if next(c.parameters(), None) is not None]
+        if len(holding) != 1:
+            break
+        prefix, inner = f"{prefix}{holding[0][0]}.", holding[0][1]
     order: dict[str, int] = {}
     depth = {}
-    for name, _ in net.named_parameters():
+    for name, _ in inner.named_parameters():
         parts = name.split(".")
-        top = net.get_submodule(parts[0]) if len(parts) > 1 else None
+        top = inner.get_submodule(parts[0]) if len(parts) > 1 else None
         key = ".".join(parts[:2]) if isinstance(top, nn.Sequential) and len(parts) > 2 else parts[0]
-        depth[name] = order.setdefault(key, len(order))
+        depth[prefix + name] = order.setdefault(key, len(order))
     return depth
 
 
