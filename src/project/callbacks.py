@@ -235,34 +235,38 @@ class Report(Callback):
         logger.log_hyperparams({**pl_module.hparams, **getattr(trainer.datamodule, "hparams", {})}, metrics)
 
 
-def _per_label(labels: torch.Tensor, classes) -> list[list[str]]:
-    """The multi-label test report's rows: per class its support (images that have it) and the precision, recall and
-    F1 of giving it at the model's threshold; and their macro means."""
-    tp, fp, fn = labels.double()
+def _scores(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each class's precision, recall and F1 from its true positives, false positives and false negatives (0 where
+    a class is never predicted, or never true, as torchmetrics gives it)."""
+    tp, fp, fn = tp.double(), fp.double(), fn.double()
     precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), 0)
     recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), 0)
     f1 = torch.where(tp > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), 0)
-    rows = [["class", "support", "precision", "recall", "f1"]]
+    return precision, recall, f1
+
+
+def _report_rows(classes, support: torch.Tensor, scores: tuple, extra: list | None = None) -> list[list[str]]:
+    """The test report's rows: a header, one row per class (its support and scores, then its ``extra`` cells), and
+    the macro means."""
+    rows = [["class", "support", "precision", "recall", "f1", *([f"predicted {c}" for c in classes] if extra else [])]]
     for i, name in enumerate(map(str, classes)):
-        rows.append([name, str(int(tp[i] + fn[i])), *(f"{v[i]:.4f}" for v in (precision, recall, f1))])
-    rows.append(["macro mean", str(int((tp + fn).sum())), *(f"{v.mean():.4f}" for v in (precision, recall, f1))])
+        rows.append([name, str(int(support[i])), *(f"{v[i]:.4f}" for v in scores), *(extra[i] if extra else [])])
+    rows.append(["macro mean", str(int(support.sum())), *(f"{v.mean():.4f}" for v in scores)])
     return rows
+
+
+def _per_label(labels: torch.Tensor, classes) -> list[list[str]]:
+    """The multi-label test report: per class its support (images that have it) and the scores of giving it at the
+    model's threshold."""
+    tp, fp, fn = labels
+    return _report_rows(classes, tp + fn, _scores(tp, fp, fn))
 
 
 def _per_class(matrix: torch.Tensor, classes) -> list[list[str]]:
-    """The test report's rows: a header, one row per class (its row of the confusion matrix after its scores; a class
-    never predicted has precision 0, as torchmetrics gives it), and the macro means."""
-    matrix = matrix.double()
-    hits, support, predicted = matrix.diagonal(), matrix.sum(1), matrix.sum(0)
-    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), 0)
-    recall = torch.where(support > 0, hits / support.clamp(min=1), 0)
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0)
-    rows = [["class", "support", "precision", "recall", "f1", *(f"predicted {c}" for c in classes)]]
-    for i, name in enumerate(map(str, classes)):
-        scores = (f"{v[i]:.4f}" for v in (precision, recall, f1))
-        rows.append([name, str(int(support[i])), *scores, *(str(int(n)) for n in matrix[i].tolist())])
-    rows.append(["macro mean", str(int(support.sum())), *(f"{v.mean():.4f}" for v in (precision, recall, f1))])
-    return rows
+    """The test report, from the confusion matrix: each class's support and scores, then its row of the matrix."""
+    hits = matrix.diagonal()
+    scores = _scores(hits, matrix.sum(0) - hits, matrix.sum(1) - hits)
+    return _report_rows(classes, matrix.sum(1), scores, [[str(int(n)) for n in row] for row in matrix.tolist()])
 
 
 def _reliability_figure(bins: torch.Tensor):

@@ -217,10 +217,10 @@ class ImageClassifier(LightningModule):
         )
         self.val_ranking = ranking.clone(prefix="val/") if ranking is not None else None
         self.test_ranking = ranking.clone(prefix="test/") if ranking is not None else None
-        self.val_probabilities: list[tuple[torch.Tensor, torch.Tensor]] = []
         # the logits' temperature (forward divides by it): 1 until calibrate fits it on a validation, then saved with
         # the checkpoint, used by test and predict and exported with the graph
         self.register_buffer("temperature", torch.ones(()))
+        # a validation's logits and targets, which the temperature (calibrate) or the threshold (multi-label) is set on
         self.val_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
         # the mean over the images, whichever process has them (a mean of the processes' means would weigh them
         # alike when their counts differ: evaluation under DDP does not repeat images to even them out)
@@ -398,10 +398,8 @@ class ImageClassifier(LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits, y = self._step(batch)
-        if self.hparams.calibrate and not self.trainer.sanity_checking:
+        if (self.hparams.calibrate or self.hparams.multilabel) and not self.trainer.sanity_checking:
             self.val_logits.append((logits.detach().float(), y))
-        if self.hparams.multilabel and not self.trainer.sanity_checking:
-            self.val_probabilities.append((torch.sigmoid(logits.detach().float()), y))
         self._update(self.val_metrics, self.val_ranking, logits, y)
         self.val_loss.update(loss, weight=len(y))
         self.log("val/loss", self.val_loss, prog_bar=True)
@@ -413,17 +411,16 @@ class ImageClassifier(LightningModule):
         if not self.trainer.sanity_checking:
             self.val_acc_best(self.val_metrics["acc"].compute())
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
-        if self.val_logits:
-            logits, y = (torch.cat(parts) for parts in zip(*self.val_logits, strict=True))
-            self.val_logits.clear()
-            # every process's images (under DDP), so that every process fits the same temperature
-            logits, y = gather(self, logits), gather(self, y)
+        if not self.val_logits:
+            return
+        # every process's images (under DDP), so that every process sets the same value
+        logits, y = (gather(self, torch.cat(parts)) for parts in zip(*self.val_logits, strict=True))
+        self.val_logits.clear()
+        if self.hparams.calibrate:
             self.temperature.fill_(fit_temperature(logits, y))
             self.log("val/temperature", self.temperature)
-        if self.val_probabilities:  # the threshold for the next epoch's validation, and the checkpoints' test
-            probabilities, y = (gather(self, torch.cat(parts)) for parts in zip(*self.val_probabilities, strict=True))
-            self.val_probabilities.clear()
-            self.threshold.fill_(best_threshold(probabilities, y))
+        if self.hparams.multilabel:  # the threshold for the next epoch's validation, and the checkpoints' test
+            self.threshold.fill_(best_threshold(torch.sigmoid(logits), y))
             self.log("val/threshold", self.threshold)
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch.utils.data import (
 from project.data import cache as caches
 from project.data import folder as folders
 from project.data.augment import random_crop, random_erasing, random_hflip
-from project.data.sets import Tensors
+from project.data.sets import Tensors, class_counts
 from project.data.sources import Builtin, Images, Source
 from project.errors import ConfigError, DataError
 
@@ -258,8 +258,7 @@ class ImageDataModule(LightningDataModule):
     @property
     def class_counts(self) -> list[int]:
         """Training images per class (after ``setup("fit")``)."""
-        y = self.train_set.y.cpu()
-        return (y.sum(0) if y.ndim == 2 else torch.bincount(y, minlength=self.num_classes)).tolist()
+        return class_counts(self.train_set.y.cpu(), self.num_classes).tolist()
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -358,11 +357,12 @@ class ImageDataModule(LightningDataModule):
             self.test_set = test
             self.test_paths = [pool.paths[i] for i in self._test_index.tolist()] if pool.paths else None
         processes = self.trainer.world_size if self.trainer is not None else 1
-        if processes > 1 and -(-len(self.train_set) // processes) < self.hparams.batch_size:
+        share = -(-len(self.train_set) // processes)  # what DistributedSampler gives a process: rounded up
+        if processes > 1 and share < self.hparams.batch_size:
             raise ConfigError(
-                f"data.batch_size={self.hparams.batch_size} is more than the {-(-len(self.train_set) // processes)} "
-                f"training images each of the {processes} processes gets of {len(self.train_set)}: no batch would "
-                "train. Lower data.batch_size (it is per process)."
+                f"data.batch_size={self.hparams.batch_size} is more than the {share} training images each of the "
+                f"{processes} processes gets of {len(self.train_set)}: no batch would train. Lower data.batch_size (it "
+                "is per process)."
             )
         for name, split in (("validation", self.val_set), ("test", self.test_set)):
             if split is not None and not len(split):

@@ -22,7 +22,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import Dataset
 
 from project.data import cache as caches
-from project.data.sets import Files, Tensors, decode
+from project.data.sets import Files, Tensors, class_counts, decode
 from project.errors import ConfigError, DataError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
@@ -226,7 +226,7 @@ def load(
 
 
 def _check_classes(layout: Layout, labels: torch.Tensor, skipped: list[Path]) -> None:
-    counts = labels.sum(0) if labels.ndim == 2 else torch.bincount(labels, minlength=len(layout.classes))
+    counts = class_counts(labels, len(layout.classes))
     empty = [layout.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
     if empty and layout.origin is not None:  # a CSV's classes are its labels, not folders
         raise DataError(
@@ -368,8 +368,7 @@ def scan_csv(path: str | Path, classes: list[str] | None = None, multilabel: boo
     if "train" not in splits or len(names) < 2:
         raise DataError(f"data.source.csv {path} has {len(splits.get('train', ([], []))[0])} train rows of "
                         f"{len(names)} classes: it needs train rows of two classes or more.")  # fmt: skip
-    train = torch.tensor(splits["train"][1])
-    counts = train.sum(0) if multilabel else torch.bincount(train, minlength=len(names))
+    counts = class_counts(torch.tensor(splits["train"][1]), len(names))
     empty = [n for n, count in zip(names, counts.tolist(), strict=True) if not count]
     if empty:
         raise DataError(f"data.source.csv {path}: the classes {', '.join(empty)} have no train rows.")

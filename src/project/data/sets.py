@@ -9,6 +9,11 @@ from torch.utils.data import Dataset
 from project.errors import DataError
 
 
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images per class: of labels ``(N,)``, or of 0/1 rows ``(N, classes)`` (multi-label)."""
+    return labels.sum(0) if labels.ndim == 2 else torch.bincount(labels, minlength=num_classes)
+
+
 class Tensors(Dataset):
     """Images and labels held in memory; the DataLoader asks for whole batches through ``__getitems__``,
     so a batch costs one index operation instead of one Python call and one collate per image."""
