@@ -35,6 +35,7 @@ COMMANDS = {
         "commands.export",
         "a run's best checkpoint to ONNX and torch.export (.pt2), checked against PyTorch",
     ),
+    "serve": ("commands.serve", "a run's exported model over HTTP (LitServe): POST /predict, a web page at /"),
 }
 
 HELP = (

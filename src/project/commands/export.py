@@ -90,8 +90,8 @@ def export(model: nn.Module, example: torch.Tensor, out: Path) -> dict[str, Path
     return files
 
 
-def main(argv: list[str]) -> None:
-    """``argv``: ``export`` and its arguments."""
+def main(argv: list[str]) -> Path:
+    """``argv``: ``export`` and its arguments. Returns the directory written."""
     parser = argparse.ArgumentParser(
         prog="python -m project export",
         description=__doc__.split("\n\n")[0],
@@ -128,6 +128,7 @@ def main(argv: list[str]) -> None:
         if claimed:  # this command's own new directory
             shutil.rmtree(args.out, ignore_errors=True)
         raise
+    failed = [name for name, (diff, agree) in report.items() if diff > args.atol or agree < len(images)]
     shape, classes = list(model.hparams.in_shape), list(model.hparams.classes)
     output = {"name": "logits", "shape": ["batch", len(classes)], "meaning": "one logit per class"}
     if float(getattr(model, "temperature", 1)) != 1:  # calibrated: the graph divides by it already
@@ -154,7 +155,8 @@ def main(argv: list[str]) -> None:
         # test-time augmentation averages the net over several views; the exported model is the net, one view
         "test-time augmentation": "none: run the model on flipped or shifted copies and average the logits for it",
         "checkpoint": str(ckpt.absolute()),
-        "parity": {"images": f"the first {len(images)} test images of {type(data).__name__}", **report},
+        "parity": {"images": f"the first {len(images)} test images of {type(data).__name__}", **report,
+                   "tolerance": args.atol, "passed": not failed},  # fmt: skip
     }
     (args.out / FILES[2]).write_text(json.dumps(info, indent=2) + "\n")
     print(f"Exported {ckpt} to {args.out}: model.onnx, model.pt2, model.json")
@@ -163,12 +165,12 @@ def main(argv: list[str]) -> None:
     print(f"Parity on {len(images)} test images, logits against PyTorch (tolerance {args.atol:g}):")
     for name, (diff, agree) in report.items():
         print(f"  {name:<11} max |difference| {diff:.2e}   top-1 agreement {agree}/{len(images)}")
-    failed = [name for name, (diff, agree) in report.items() if diff > args.atol or agree < len(images)]
     if failed:
         raise ExportError(
             f"{' and '.join(failed)} in {args.out} do not compute what PyTorch computes within --atol {args.atol:g} "
             "(see the table above): do not ship them. A larger --atol accepts the difference, if it is only rounding."
         )
+    return args.out
 
 
 def check(model: nn.Module, images: torch.Tensor, files: dict[str, Path]) -> dict[str, tuple[float, int]]:

@@ -37,22 +37,28 @@ class Tensors(Dataset):
 
 
 def decode(path: Path, size: tuple[int, int], channels: int) -> torch.Tensor:
-    """One image file as ``uint8 (channels, *size)``: turned upright as its EXIF orientation says (phone photos), then
-    :func:`conform`. Raises DataError if the file cannot be read or decoded."""
-    from torchvision.io import ImageReadMode, decode_image
-
+    """One image file as ``uint8 (channels, *size)`` (:func:`decode_bytes`). Raises DataError if the file cannot be read
+    or decoded."""
     try:
         raw = Path(path).read_bytes()
     except OSError as err:  # a dangling link, a file without read permission, one removed since the folder was read
         raise DataError(f"{path} cannot be read ({err.strerror or err}).") from None
+    return decode_bytes(raw, str(path), size, channels)
+
+
+def decode_bytes(raw: bytes, name: str, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """An image file's bytes as ``uint8 (channels, *size)``: turned upright as its EXIF orientation says (phone
+    photos), then :func:`conform`. Raises DataError, naming the file ``name``, if they are not an image."""
+    from torchvision.io import ImageReadMode, decode_image
+
     if not raw:
-        raise DataError(f"{path} is empty (0 bytes).")
+        raise DataError(f"{name} is empty (0 bytes).")
     data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     try:
         mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         image = decode_image(data, mode=mode, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as err:  # torchvision's decoders raise these for a file they cannot read
-        raise DataError(f"{path} is not an image torchvision can decode ({' '.join(str(err).split())}).") from None
+        raise DataError(f"{name} is not an image torchvision can decode ({' '.join(str(err).split())}).") from None
     return conform(image, size, channels)
 
 

@@ -1,0 +1,318 @@
+"""``python -m project serve RUN``: the run's exported model behind HTTP with LitServe: ``POST /predict`` (images as
+multipart fields named ``file``) answers each image's most probable classes as JSON, ``GET /`` is a web page to drop
+images on, ``GET /health`` says ``ok`` once a worker has loaded the model.
+
+The model is the run's export (``RUN/export_<k>``, made now with its parity check when the run has none of this
+checkpoint), or ``RUN`` itself when it is an export directory; images are decoded, turned to the training channels and
+resized to the training size by the function ``predict`` uses, so both give the same numbers.
+
+    python -m project serve logs/fashion_mnist_cnn/version_0
+    curl -F file=@shoe.png http://127.0.0.1:8000/predict
+"""
+
+import argparse
+import html
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import litserve as ls
+import torch
+
+from project.errors import ConfigError, DataError, ExportError
+
+FIELD = "file"  # the multipart field each image comes in, repeated for several
+# the addresses LitServe 0.2.19 binds to (LitServer.run refuses others)
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")
+
+
+@dataclass
+class Upload:
+    """One request as a worker decoded it: its images ``uint8 (N, C, H, W)`` and their file names, or why it cannot
+    be answered (``error``, with its HTTP ``status``)."""
+
+    names: list[str]
+    images: torch.Tensor | None = None
+    probabilities: torch.Tensor | None = None  # (N, classes), once the model has run
+    error: str = ""
+    status: int = 400
+
+
+class ImageAPI(ls.LitAPI):
+    """Serves an export directory with ``runtime`` (onnx, torch): the ``top_k`` classes of each image."""
+
+    def __init__(self, directory: Path, runtime: str, top_k: int, **kwargs):
+        super().__init__(**kwargs)
+        self.directory, self.runtime, self.top_k = directory, runtime, top_k
+
+    def setup(self, device: str) -> None:
+        # Ctrl+C reaches every process of the terminal's group: the server's main process stops the workers
+        # itself, a worker that took the signal too would print a traceback from inside LitServe's loop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.info = json.loads((self.directory / "model.json").read_text())
+        self.model = load(self.directory, self.runtime, device)
+
+    def decode_request(self, request) -> Upload:
+        """The form's images, decoded as ``predict`` decodes files; never raises, since LitServe fails every
+        request of a batch when one request's decoding raises (litserve 0.2.19, BatchedLoop)."""
+        from project.data.sets import decode_bytes
+
+        uploads = request.getlist(FIELD)
+        if not uploads:
+            given = ", ".join(repr(k) for k in dict.fromkeys(request.keys()))
+            return Upload([], error=f"no field {FIELD!r} in the form ({f'it has {given}' if given else 'it is empty'}"
+                                    f"): send each image as a multipart field named {FIELD!r}, e.g. curl -F "
+                                    f"{FIELD}=@image.png URL/predict.")  # fmt: skip
+        if texts := [u for u in uploads if isinstance(u, str)]:
+            return Upload([], error=f"field {FIELD!r} holds text ({texts[0][:40]!r}), not a file: give a file's "
+                                    f"contents, e.g. curl -F {FIELD}=@image.png (with the @).")  # fmt: skip
+        c, h, w = self.info["input"]["shape"][1:]
+        names = [u.filename or f"upload {i}" for i, u in enumerate(uploads)]
+        try:
+            images = [decode_bytes(u.file.read(), n, (h, w), c) for u, n in zip(uploads, names, strict=True)]
+        except DataError as err:
+            return Upload(names, error=str(err))
+        return Upload(names, torch.stack(images))
+
+    def predict(self, x):
+        """Every image of the requests (a batch of them when ``max_batch_size`` > 1) in one run of the model."""
+        uploads = x if self.max_batch_size > 1 else [x]
+        good = [u for u in uploads if not u.error]
+        if good:
+            logits = self.model(torch.cat([u.images for u in good]))
+            multilabel = "threshold" in self.info["output"]
+            probabilities = torch.sigmoid(logits) if multilabel else logits.softmax(1)
+            for u, p in zip(good, probabilities.split([len(u.images) for u in good]), strict=True):
+                u.probabilities = p
+        return uploads if self.max_batch_size > 1 else uploads[0]
+
+    def encode_response(self, output: Upload):
+        from fastapi.responses import JSONResponse
+
+        if output.error:
+            return JSONResponse({"error": output.error}, status_code=output.status)
+        classes, threshold = self.info["classes"], self.info["output"].get("threshold")
+        k = min(self.top_k, len(classes))
+        answers = []
+        for name, p in zip(output.names, output.probabilities, strict=True):
+            top_p, top_i = p.topk(k)
+            answer = {"file": name, "top_k": [{"class": classes[i], "index": i, "probability": round(q, 6)}
+                                              for q, i in zip(top_p.tolist(), top_i.tolist(), strict=True)]}  # fmt: skip
+            if threshold is not None:  # multi-label: the classes given, as predictions.csv's labels column
+                answer["labels"] = [c for c, q in zip(classes, p.tolist(), strict=True) if q >= threshold]
+            answers.append(answer)
+        return {"predictions": answers}
+
+
+
+def load(directory: Path, runtime: str, device: str = "cpu"):
+    """The export's model as a function from ``uint8`` images ``(N, C, H, W)`` to logits, both torch tensors on the
+    CPU. Raises ExportError for a file the runtime cannot load."""
+    path = directory / ("model.onnx" if runtime == "onnx" else "model.pt2")
+    try:
+        if runtime == "onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(torch.export.load(path), device).module()
+    except Exception as err:  # each runtime raises its own types for a missing, truncated or foreign file
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ExportError(f"{path} cannot be loaded by {runtime} ({first}); export the run again: python -m project "
+                          "export RUN.") from None  # fmt: skip
+
+    def run(x):
+        with torch.no_grad():
+            return program(x.to(device)).cpu()
+
+    return run
+
+
+def export_of(run: Path, ckpt: str) -> Path:
+    """The export directory to serve: ``run`` itself if it is one; else the newest ``run/export_<k>`` of the
+    checkpoint ``ckpt`` names, written after it; else a new one (``export``, with its parity check)."""
+    if (run / "model.json").is_file():
+        return run
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"serve {run}: give a run directory (logs/<name>/version_<n>, with config.yaml) or an "
+                          "export directory (with model.json and model.onnx).")  # fmt: skip
+    from project.commands import export
+    from project.runs import checkpoint
+
+    path = checkpoint(run, ckpt).resolve()
+    if not path.is_file():
+        raise ConfigError(f"serve --ckpt_path {ckpt}: {path} is not a file.")
+    for directory in sorted(run.glob("export_*"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            info = json.loads((directory / "model.json").read_text())
+        except (OSError, ValueError):  # an export interrupted, or not one
+            continue
+        files = all((directory / name).is_file() for name in export.FILES)
+        if files and info.get("parity", {}).get("passed") and Path(info.get("checkpoint", "")).resolve() == path and (
+            (directory / "model.json").stat().st_mtime_ns >= path.stat().st_mtime_ns
+        ):
+            return directory
+    print(f"{run} has no export of {path.name} yet: exporting it first.")
+    return export.main(["export", str(run), "--ckpt_path", str(path)])
+
+
+def check_address(host: str, port: int) -> None:
+    """One message for an address LitServe cannot bind to, before any worker starts."""
+    import socket
+
+    if host not in HOSTS:
+        raise ConfigError(f"serve --host {host}: give 127.0.0.1 (this machine only, the default), or 0.0.0.0 or :: "
+                          "(every interface, IPv4 or IPv6); LitServe binds to no other address.")  # fmt: skip
+    if not 1024 <= port <= 65535:
+        raise ConfigError(f"serve --port {port}: give a port from 1024 to 65535.")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"serve: cannot listen on {host}:{port} ({err.strerror}); another server may have it: "
+                              "choose another --port.") from None  # fmt: skip
+
+
+def main(argv: list[str]) -> Path:
+    """``argv``: ``serve`` and its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="python -m project serve",
+        description=__doc__.split("\n\n")[0],
+        epilog=f"Send images as multipart fields named {FIELD!r}: curl -F {FIELD}=@a.png -F {FIELD}=@b.png "
+        "http://127.0.0.1:8000/predict",
+        allow_abbrev=False,
+    )
+    parser.add_argument("run", type=Path, help="a run directory (logs/<name>/version_<n>) or an export directory")
+    parser.add_argument("--ckpt_path", default="best", help="best (default), last, or a .ckpt file (of a run)")
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default: this machine only), 0.0.0.0 or ::")
+    parser.add_argument("--port", type=int, default=8000, help="default 8000")
+    parser.add_argument("--runtime", choices=("onnx", "torch"), default="onnx",
+                        help="onnx (default: ONNX Runtime on the CPU) or torch (the .pt2 program, on a GPU if torch "
+                             "sees one)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="processes running the model (per GPU), default 1")
+    parser.add_argument("--max_batch_size", type=int, default=8,
+                        help="requests the server runs through the model together, default 8")  # fmt: skip
+    parser.add_argument("--batch_timeout", type=float, default=0.002,
+                        help="seconds a worker waits for a batch to fill, default 0.002")  # fmt: skip
+    parser.add_argument("--top_k", type=int, default=5, help="classes answered per image, default 5")
+    parser.add_argument("--max_upload_mb", type=float, default=20, help="largest request body in MB (413), default 20")
+    args = parser.parse_args(argv[1:])
+    if min(args.workers, args.max_batch_size, args.top_k) < 1 or args.batch_timeout < 0 or args.max_upload_mb <= 0:
+        raise ConfigError("serve: --workers, --max_batch_size and --top_k must be 1 or more, --batch_timeout 0 or "
+                          "more and --max_upload_mb more than 0.")  # fmt: skip
+    host = "127.0.0.1" if args.host == "localhost" else args.host
+    check_address(host, args.port)
+    directory = export_of(args.run, args.ckpt_path)
+    load(directory, args.runtime)  # a file the runtime cannot read: one message here, not a worker's traceback
+    server = build(directory, args)
+    print(f"Serving {directory / ('model.onnx' if args.runtime == 'onnx' else 'model.pt2')} at "
+          f"http://{args.host}:{args.port}/ (the web page), POST /predict, GET /health. Ctrl+C stops it.")  # fmt: skip
+    main_process = os.getpid()
+
+    def stop(signum, frame):
+        # SIGTERM takes LitServe's Ctrl+C path, which stops its workers; the processes LitServe forks inherit this
+        # handler and leave at once, as SIGTERM's default would
+        if os.getpid() != main_process:
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    server.run(host=host, port=args.port, log_level="warning", generate_client_file=False)
+    print("Stopped.")
+    return directory
+
+
+def build(directory: Path, args):
+    """The LitServer: the API, the checks of uploads, the web page at ``/`` and errors as ``{"error": "..."}``."""
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException
+
+    info = json.loads((directory / "model.json").read_text())
+    api = ImageAPI(directory, args.runtime, args.top_k, max_batch_size=args.max_batch_size,
+                      batch_timeout=args.batch_timeout)  # fmt: skip
+    server = ls.LitServer(
+        api,
+        accelerator="cpu" if args.runtime == "onnx" else "auto",
+        workers_per_device=args.workers,
+        middlewares=[(Uploads, {"path": api.api_path, "limit": int(args.max_upload_mb * 1e6)})],
+        model_metadata={"classes": info["classes"], "input": info["input"], "export": str(directory)},
+        disable_openapi_url=True,
+    )
+
+    async def error(request, err: HTTPException):
+        return JSONResponse({"error": err.detail}, status_code=err.status_code)
+
+    server.app.add_exception_handler(HTTPException, error)
+    # LitServe 0.2.19 answers GET / with the text "litserve running", and has no setting to leave it out
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
+    text = page(info, directory)
+    server.app.add_api_route("/", lambda: HTMLResponse(text), methods=["GET"], include_in_schema=False)
+    return server
+
+
+class Uploads:
+    """Answers a POST to the predict path that is too large (413) or not a well-formed multipart form (400) itself,
+    before LitServe reads it: LitServe 0.2.19 reads any other body as JSON, and answers a body that is neither (an
+    empty one among them) with a 500. The body it lets through is handed on as it came."""
+
+    def __init__(self, app, path: str, limit: int):
+        self.app, self.path, self.limit = app, path, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+        from starlette.datastructures import Headers
+        from starlette.formparsers import MultiPartException, MultiPartParser
+
+        headers = Headers(scope=scope)
+        usage = f"send each image as a multipart field named {FIELD!r}, e.g. curl -F {FIELD}=@image.png URL{self.path}"
+        too_large = f"the request is larger than the server's limit of {self.limit / 1e6:g} MB (--max_upload_mb)."
+        if not headers.get("content-type", "").startswith("multipart/form-data"):
+            why = f"POST {self.path} takes a multipart form (got {headers.get('content-type') or 'no content type'})"
+            return await JSONResponse({"error": f"{why}: {usage}."}, status_code=400)(scope, receive, send)
+        if int(headers.get("content-length") or 0) > self.limit:
+            return await JSONResponse({"error": too_large}, status_code=413)(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size, more = size + len(chunks[-1]), message.get("more_body", False)
+            if size > self.limit:
+                return await JSONResponse({"error": too_large}, status_code=413)(scope, receive, send)
+        body = b"".join(chunks)
+
+        async def stream():
+            yield body
+
+        try:
+            await (await MultiPartParser(headers, stream()).parse()).close()
+        except MultiPartException as err:
+            return await JSONResponse({"error": f"the form cannot be read ({err.message}): {usage}."},
+                                      status_code=400)(scope, receive, send)  # fmt: skip
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # the body is all there was: what comes next is the client leaving
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def page(info: dict, directory: Path) -> str:
+    """The web page: pick or drop images, see each one's top classes as bars."""
+    template = (Path(__file__).with_name("serve.html")).read_text()
+    shape = info["input"]["shape"]
+    facts = f"{len(info['classes'])} classes, {shape[2]}x{shape[3]} {'RGB' if shape[1] == 3 else 'grayscale'}"
+    title = html.escape("/".join(directory.absolute().parts[-3:]))  # logs/<name>/version_<n>/export_<k>: its run
+    return template.replace("{{title}}", title).replace("{{facts}}", facts)
