@@ -155,8 +155,12 @@ def main(argv: list[str]) -> Path:
         # test-time augmentation averages the net over several views; the exported model is the net, one view
         "test-time augmentation": "none: run the model on flipped or shifted copies and average the logits for it",
         "checkpoint": str(ckpt.absolute()),
-        "parity": {"images": f"the first {len(images)} test images of {type(data).__name__}", **report,
-                   "tolerance": args.atol, "passed": not failed},  # fmt: skip
+        "parity": {
+            "images": f"the first {len(images)} test images of {type(data).__name__}",
+            **report,
+            "tolerance": args.atol,
+            "passed": not failed,
+        },
     }
     (args.out / FILES[2]).write_text(json.dumps(info, indent=2) + "\n")
     print(f"Exported {ckpt} to {args.out}: model.onnx, model.pt2, model.json")

@@ -98,8 +98,8 @@ class ImageAPI(ls.LitAPI):
         answers = []
         for name, p in zip(output.names, output.probabilities, strict=True):
             top_p, top_i = p.topk(k)
-            answer = {"file": name, "top_k": [{"class": classes[i], "index": i, "probability": round(q, 6)}
-                                              for q, i in zip(top_p.tolist(), top_i.tolist(), strict=True)]}  # fmt: skip
+            top = zip(top_p.tolist(), top_i.tolist(), strict=True)
+            answer = {"file": name, "top_k": [{"class": classes[i], "index": i, "probability": round(q, 6)} for q, i in top]}
             if threshold is not None:  # multi-label: the classes given, as predictions.csv's labels column
                 answer["labels"] = [c for c, q in zip(classes, p.tolist(), strict=True) if q >= threshold]
             answers.append(answer)
