@@ -99,12 +99,12 @@ class ImageAPI(ls.LitAPI):
         for name, p in zip(output.names, output.probabilities, strict=True):
             top_p, top_i = p.topk(k)
             top = zip(top_p.tolist(), top_i.tolist(), strict=True)
-            answer = {"file": name, "top_k": [{"class": classes[i], "index": i, "probability": round(q, 6)} for q, i in top]}
+            ranked = [{"class": classes[i], "index": i, "probability": round(q, 6)} for q, i in top]
+            answer = {"file": name, "top_k": ranked}
             if threshold is not None:  # multi-label: the classes given, as predictions.csv's labels column
                 answer["labels"] = [c for c, q in zip(classes, p.tolist(), strict=True) if q >= threshold]
             answers.append(answer)
         return {"predictions": answers}
-
 
 
 def load(directory: Path, runtime: str, device: str = "cpu"):
@@ -152,8 +152,11 @@ def export_of(run: Path, ckpt: str) -> Path:
         except (OSError, ValueError):  # an export interrupted, or not one
             continue
         files = all((directory / name).is_file() for name in export.FILES)
-        if files and info.get("parity", {}).get("passed") and Path(info.get("checkpoint", "")).resolve() == path and (
-            (directory / "model.json").stat().st_mtime_ns >= path.stat().st_mtime_ns
+        if (
+            files
+            and info.get("parity", {}).get("passed")
+            and Path(info.get("checkpoint", "")).resolve() == path
+            and ((directory / "model.json").stat().st_mtime_ns >= path.stat().st_mtime_ns)
         ):
             return directory
     print(f"{run} has no export of {path.name} yet: exporting it first.")
