@@ -8,9 +8,9 @@ PORT ?= 6006
 # one worker per core; the longest tests start first (tests/conftest.py)
 PYTEST := $(PY) -m pytest -n auto --dist worksteal
 
-.PHONY: install data fit test test-fast lint tensorboard bench clean
+.PHONY: install data browser fit test test-fast lint tensorboard bench clean
 
-install: $(VENV)/.installed data
+install: $(VENV)/.installed data browser
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,11 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Fashion-MNIST from Debian's package, where apt is available (the template also downloads it where there is internet).
+# Debian's package $(1), unless $(2) is there already or apt is not: the index is updated only if the install fails
+apt_get = [ -e $(2) ] || ! command -v apt-get >/dev/null || \
+	  $(SUDO) apt-get install -y -q $(1) >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $(1) >/dev/null; }
+
+# Fashion-MNIST from Debian's package (the template also downloads it where there is internet)
 data:
-	@[ -d $(FASHION) ] || ! command -v apt-get >/dev/null || \
-	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+	@$(call apt_get,dataset-fashion-mnist,$(FASHION))
+
+# Chromium, which the test of serve's web page drives (tests/test_serve.py)
+browser:
+	@$(call apt_get,chromium,/usr/bin/chromium)
 
 fit: install
 	$(PY) -m project fit
