@@ -10,6 +10,7 @@ loopback implies, and takes its share of the cores.
 """
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import onnxruntime
 from torchvision.io import write_png
 
@@ -101,8 +101,6 @@ def main() -> None:
         for i in range(64):
             write_png(x[i], f"{tmp}/{i}.png")
         files = [Path(f"{tmp}/{i}.png").read_bytes() for i in range(64)]
-    import json
-
     c, h, w = json.loads((export / "model.json").read_text())["input"]["shape"][1:]
     session = onnxruntime.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
     arrays = [decode_bytes(f, "image", (h, w), c)[None].numpy() for f in files]

@@ -210,11 +210,30 @@ def test_web_page_in_chromium_shows_the_top_class_of_an_uploaded_file(server, tr
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def workers(server: Server) -> list[int]:
+    """The processes LitServe spawned to run the model, in the server's process group."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getpgid(int(proc.name)) == server.process.pid and b"spawn_main" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, ProcessLookupError):  # ended meanwhile
+            continue
+    return found
+
+
 @pytest.mark.slow
-def test_torch_runtime_answers_the_same_and_ctrl_c_stops_every_process(trained, tmp_path):
+def test_torch_runtime_answers_the_same_a_killed_worker_is_replaced_and_ctrl_c_stops_all(trained, tmp_path):
     expected = predicted(trained)
     f = next((trained.parents[2] / "files").iterdir())
     running = Server(trained, tmp_path / "serve.log", "--runtime", "torch", "--max_batch_size", "1")
+    assert_same(running.post(f).json()["predictions"][0], expected[f.name])
+    [worker] = workers(running)
+    os.kill(worker, signal.SIGKILL)  # out of memory, say
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (workers(running) in ([], [worker]) or running.post(f).status_code != 200):
+        time.sleep(0.5)
+    assert running.process.poll() is None and workers(running) not in ([], [worker]), running.output
     assert_same(running.post(f).json()["predictions"][0], expected[f.name])
     assert running.stop(signal.SIGINT, group=True) == 0  # Ctrl+C: the terminal signals the whole group
     assert "Stopped." in running.output and "Traceback" not in running.output, running.output
@@ -257,7 +276,8 @@ def test_serve_refuses_an_address_it_cannot_bind_and_a_file_it_cannot_load(tmp_p
 
     export_dir = tmp_path / "export_0"
     export_dir.mkdir()
-    (export_dir / "model.json").write_text("{}")
+    info = {"classes": ["a", "b"], "input": {"shape": ["batch", 1, 28, 28]}, "output": {}}
+    (export_dir / "model.json").write_text(json.dumps(info))
     (export_dir / "model.onnx").write_bytes(b"\x00" * 10)  # truncated
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -276,3 +296,7 @@ def test_serve_refuses_an_address_it_cannot_bind_and_a_file_it_cannot_load(tmp_p
             assert "Traceback" not in result.stderr
     result = invoke(["serve", str(tmp_path), "--port", str(free_port())])
     assert result.returncode == 2 and "give a run directory" in result.stderr
+    for text in ("", "{}", '{"classes": ["a"]}'):  # an export's model.json half written, or another file
+        (export_dir / "model.json").write_text(text)
+        result = invoke(["serve", str(export_dir), "--port", str(free_port())])
+        assert result.returncode == 1 and "cannot be read as an export's model.json" in result.stderr, result.stderr

@@ -21,7 +21,7 @@ from pathlib import Path
 import litserve as ls
 import torch
 
-from project.errors import ConfigError, DataError, ExportError
+from project.errors import ConfigError, DataError, ExportError, ProjectError
 
 FIELD = "file"  # the multipart field each image comes in, repeated for several
 # the addresses LitServe 0.2.19 binds to (LitServer.run refuses others)
@@ -51,7 +51,7 @@ class ImageAPI(ls.LitAPI):
         # Ctrl+C reaches every process of the terminal's group: the server's main process stops the workers
         # itself, a worker that took the signal too would print a traceback from inside LitServe's loop
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.info = json.loads((self.directory / "model.json").read_text())
+        self.info = model_info(self.directory)
         self.model = load(self.directory, self.runtime, device)
 
     def decode_request(self, request) -> Upload:
@@ -105,6 +105,20 @@ class ImageAPI(ls.LitAPI):
                 answer["labels"] = [c for c, q in zip(classes, p.tolist(), strict=True) if q >= threshold]
             answers.append(answer)
         return {"predictions": answers}
+
+
+def model_info(directory: Path) -> dict:
+    """The export's ``model.json``. Raises ExportError if it is missing, or is not an export's."""
+    path = directory / "model.json"
+    try:
+        info = json.loads(path.read_text())
+        if not (info.get("classes") and len(info["input"]["shape"]) == 4 and "output" in info):
+            raise ValueError("it names no classes, input shape or output")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        why = err.strerror if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+        raise ExportError(f"{path} cannot be read as an export's model.json ({why}); export the run again: python -m "
+                          "project export RUN.") from None  # fmt: skip
+    return info
 
 
 def load(directory: Path, runtime: str, device: str = "cpu"):
@@ -211,8 +225,9 @@ def main(argv: list[str]) -> Path:
     host = "127.0.0.1" if args.host == "localhost" else args.host
     check_address(host, args.port)
     directory = export_of(args.run, args.ckpt_path)
+    info = model_info(directory)
     load(directory, args.runtime)  # a file the runtime cannot read: one message here, not a worker's traceback
-    server = build(directory, args)
+    server = build(directory, info, args)
     print(f"Serving {directory / ('model.onnx' if args.runtime == 'onnx' else 'model.pt2')} at "
           f"http://{args.host}:{args.port}/ (the web page), POST /predict, GET /health. Ctrl+C stops it.")  # fmt: skip
     main_process = os.getpid()
@@ -225,17 +240,19 @@ def main(argv: list[str]) -> Path:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    server.run(host=host, port=args.port, log_level="warning", generate_client_file=False)
+    try:
+        server.run(host=host, port=args.port, log_level="warning", generate_client_file=False)
+    except (EOFError, ConnectionError) as err:  # the process holding LitServe's queues was killed
+        raise ProjectError(f"serve stopped: a process of LitServe's ended ({type(err).__name__}).") from None
     print("Stopped.")
     return directory
 
 
-def build(directory: Path, args):
+def build(directory: Path, info: dict, args):
     """The LitServer: the API, the checks of uploads, the web page at ``/`` and errors as ``{"error": "..."}``."""
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException
 
-    info = json.loads((directory / "model.json").read_text())
     api = ImageAPI(directory, args.runtime, args.top_k, max_batch_size=args.max_batch_size,
                       batch_timeout=args.batch_timeout)  # fmt: skip
     server = ls.LitServer(
@@ -245,6 +262,7 @@ def build(directory: Path, args):
         middlewares=[(Uploads, {"path": api.api_path, "limit": int(args.max_upload_mb * 1e6)})],
         model_metadata={"classes": info["classes"], "input": info["input"], "export": str(directory)},
         disable_openapi_url=True,
+        restart_workers=True,  # a worker that dies (out of memory, kill -9) is started again
     )
 
     async def error(request, err: HTTPException):
