@@ -3,13 +3,17 @@ equal to ``predict``'s for the same files, one server batching concurrent client
 of JSON while the server goes on, the web page driven in Debian's Chromium, Ctrl+C and SIGTERM."""
 
 import csv
+import hashlib
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,11 +107,31 @@ def assert_same(answer: dict, expected: list[tuple[str, float]]) -> None:
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
     """One server for the module: batches of up to 4 requests, waiting 50 ms for them to fill, uploads up to 1 MB.
-    It is stopped as ``kill PID`` stops it (SIGTERM) when the module ends, and checked for a clean stop."""
+    When the module ends it is stopped as systemd stops a service, and checked for a clean stop."""
     log = tmp_path_factory.mktemp("server") / "serve.log"
     running = Server(trained, log, "--max_batch_size", "4", "--batch_timeout", "0.05", "--max_upload_mb", "1")
     yield running
-    assert running.stop(signal.SIGTERM, group=False) == 0
+    # systemd's stop: SIGTERM to every process of the group, here with clients asking all the while
+    image = next((trained.parents[2] / "files").iterdir())
+    asking = True
+
+    def ask() -> None:
+        while asking:
+            try:
+                running.post(image)
+            except httpx.TransportError:
+                return
+
+    clients = [threading.Thread(target=ask) for _ in range(4)]
+    for client in clients:
+        client.start()
+    time.sleep(1)
+    start = time.monotonic()
+    assert running.stop(signal.SIGTERM, group=True) == 0
+    asking = False
+    for client in clients:
+        client.join()
+    assert time.monotonic() - start < 15, running.output
     assert "Stopped." in running.output and "Traceback" not in running.output, running.output
 
 
@@ -156,10 +180,19 @@ def test_bad_uploads_get_one_line_of_json_and_the_server_goes_on(server, trained
     empty.write_bytes(b"")
     large.write_bytes(image.read_bytes() + os.urandom(1_100_000))
     text.write_text("not an image\n")
+    bomb = tmp_path / "huge.png"  # a PNG's header saying 12000x9000: what PIL reads of it, and the decoder never gets
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 12000, 9000, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    bomb.write_bytes(png)
     url = f"{server.url}/predict"
     cases = [
         (server.post(text), 400, "notes.png is not an image torchvision can decode"),
-        (server.post(image, empty), 400, "empty.png is empty (0 bytes)"),
+        (server.post(image, empty), 400, "empty.png (file 2 of 2) is empty (0 bytes)"),
+        (server.post(bomb), 413, "huge.png is 12000x9000 pixels; the server decodes images of at most 89 million"),
         (server.post(image, field="image"), 400, "no field 'file' in the form (it has 'image')"),
         (httpx.post(url, files={"file": (None, b"cat.png")}), 400, "field 'file' holds text"),
         (httpx.post(url), 400, "takes a multipart form (got no content type)"),
@@ -167,9 +200,9 @@ def test_bad_uploads_get_one_line_of_json_and_the_server_goes_on(server, trained
         (httpx.post(url, content=b"", headers={"content-type": "multipart/form-data; boundary=x"}), 400,
          "no field 'file' in the form (it is empty)"),
         (httpx.post(url, content=b"junk", headers={"content-type": "multipart/form-data"}), 400,
-         "the form cannot be read (Missing boundary"),
+         "the multipart form cannot be read (Missing boundary"),
         (httpx.post(url, content=b"junk", headers={"content-type": "multipart/form-data; boundary=x"}), 400,
-         "the form cannot be read"),
+         "the multipart form cannot be read"),
         (server.post(large), 413, "larger than the server's limit of 1 MB (--max_upload_mb)"),
         (httpx.get(url), 405, "Method Not Allowed"),
     ]  # fmt: skip
@@ -192,22 +225,32 @@ def test_web_page_in_chromium_shows_the_top_class_of_an_uploaded_file(server, tr
         page = browser.new_page()
         page.goto(server.url)
         assert "3 classes, 28x28" in page.inner_text(".facts")
-        page.set_input_files("#files", [str(f) for f in files])  # the page's own file input
-        page.wait_for_selector(".result .row")
+        bad = trained / "config.yaml"
+        page.set_input_files("#files", [str(files[0]), str(bad), str(files[1])])  # the page's own file input
+        page.wait_for_function("document.querySelectorAll('.result .row, .result .error').length == 7")
         cards = page.locator(".result")
-        assert cards.count() == 2
-        for i, f in enumerate(files):
+        assert cards.count() == 3
+        for i, f in ((0, files[0]), (2, files[1])):
             assert cards.nth(i).locator(".file").inner_text() == f.name
             assert cards.nth(i).locator(".row .class").first.inner_text() == expected[f.name][0][0]
-        page.set_input_files("#files", [str(trained / "config.yaml")])
-        page.wait_for_function("document.getElementById('error').textContent.length > 0")
-        assert "is not an image" in page.inner_text("#error")
+        assert "config.yaml is not an image" in cards.nth(1).locator(".error").inner_text()  # it alone
         shot = Path(os.environ.get("SERVE_SCREENSHOT", tmp_path / "page.png"))
-        page.set_input_files("#files", [str(f) for f in files])
-        page.wait_for_function("document.getElementById('error').textContent.length == 0")
         page.screenshot(path=shot, full_page=True)
         browser.close()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_an_export_directory_copied_elsewhere_serves_alone_and_sigterm_stops_it(server, trained, tmp_path):
+    shipped = tmp_path / "shipped"  # what a user copies to the machine that serves: no run, no data
+    shutil.copytree(trained / "export_0", shipped)
+    running = Server(shipped, tmp_path / "serve.log", "--max_batch_size", "1", "--top_k", "2")
+    f = next((trained.parents[2] / "files").iterdir())
+    answer = running.post(f).json()["predictions"][0]
+    assert [t["class"] for t in answer["top_k"]] == [c for c, _ in predicted(trained)[f.name][:2]]
+    assert running.stop(signal.SIGTERM, group=False) == 0  # docker stop, kill PID: the main process alone
+    assert "exporting" not in running.output and "Stopped." in running.output, running.output
+    assert "Traceback" not in running.output
 
 
 def workers(server: Server) -> list[int]:
@@ -239,7 +282,7 @@ def test_torch_runtime_answers_the_same_a_killed_worker_is_replaced_and_ctrl_c_s
     assert "Stopped." in running.output and "Traceback" not in running.output, running.output
 
 
-def test_export_of_reuses_a_checked_export_of_the_checkpoint_and_exports_otherwise(tmp_path, monkeypatch):
+def test_export_of_finds_a_checked_export_of_the_checkpoint_wherever_the_run_moved(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("{}\n")
@@ -248,27 +291,25 @@ def test_export_of_reuses_a_checked_export_of_the_checkpoint_and_exports_otherwi
     exports = []
     monkeypatch.setattr("project.commands.export.main", lambda argv: exports.append(argv) or Path("new"))
 
-    def export(name: str, passed: bool = True, checkpoint: Path = ckpt) -> Path:
+    def export(name: str, passed: bool = True, weights: bytes = b"weights") -> Path:
         directory = run / name
         directory.mkdir()
-        for file in ("model.onnx", "model.pt2"):
-            (directory / file).write_bytes(b"x")
-        info = {"checkpoint": str(checkpoint), "parity": {"passed": passed}}
+        info = {"checkpoint": "/elsewhere/last.ckpt", "parity": {"passed": passed},
+                "checkpoint_sha256": hashlib.sha256(weights).hexdigest()}  # fmt: skip
         (directory / "model.json").write_text(json.dumps(info))
         return directory
 
     assert serve.export_of(run, "last") == Path("new") and len(exports) == 1  # no export yet
-    good = export("export_0")
+    good = export("export_0")  # made when the run was in /elsewhere
     assert serve.export_of(run, "last") == good and len(exports) == 1
     assert serve.export_of(good, "last") == good  # an export directory is served as it is
     export("export_1", passed=False)  # newer, but its parity check failed
-    export("export_2", checkpoint=run / "checkpoints" / "other.ckpt")
+    export("export_2", weights=b"other weights")  # of another checkpoint
+    (run / "export_3").mkdir()  # an export interrupted
     assert serve.export_of(run, "last") == good and len(exports) == 1
-    os.utime(ckpt, ns=(time.time_ns() + 10**10,) * 2)  # trained again since: export again
+    ckpt.write_bytes(b"trained on")  # the run trained again since: export again
     assert serve.export_of(run, "last") == Path("new") and len(exports) == 2
     assert exports[-1][-2:] == ["--ckpt_path", str(ckpt.resolve())]
-    (good / "model.onnx").unlink()
-    assert serve.export_of(run, "last") == Path("new")
 
 
 def test_serve_refuses_an_address_it_cannot_bind_and_a_file_it_cannot_load(tmp_path):
@@ -287,7 +328,8 @@ def test_serve_refuses_an_address_it_cannot_bind_and_a_file_it_cannot_load(tmp_p
             (["--host", "example.com"], 2, "--host example.com: give 127.0.0.1"),
             (["--port", "80"], 2, "--port 80: give a port from 1024 to 65535"),
             (["--port", str(busy)], 2, f"cannot listen on 127.0.0.1:{busy}"),
-            (["--workers", "0"], 2, "--workers, --max_batch_size and --top_k must be 1 or more"),
+            (["--workers", "0"], 2, "--workers 0: give 1 or more"),
+            (["--max_upload_mb", "0"], 2, "--max_upload_mb 0.0: give more than 0"),
             (["--port", str(free_port())], 1, "model.onnx cannot be loaded by onnx"),
         ]
         for args, code, text in cases:

@@ -1,7 +1,9 @@
-"""Files that are whole or not there: how every checkpoint, cache and decompressed dataset file is written."""
+"""Files that are whole or not there: how every checkpoint, cache and decompressed dataset file is written; and what
+a file holds, as a digest."""
 
 import contextlib
 import glob
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,3 +55,12 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read a few MB at a time."""
+    hashed = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            hashed.update(chunk)
+    return hashed.hexdigest()

@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from project.errors import ConfigError, ExportError
+from project.files import digest
 
 FILES = ("model.onnx", "model.pt2", "model.json")
 
@@ -155,6 +156,7 @@ def main(argv: list[str]) -> Path:
         # test-time augmentation averages the net over several views; the exported model is the net, one view
         "test-time augmentation": "none: run the model on flipped or shifted copies and average the logits for it",
         "checkpoint": str(ckpt.absolute()),
+        "checkpoint_sha256": digest(ckpt),  # which checkpoint this is, wherever the run has moved since
         "parity": {
             "images": f"the first {len(images)} test images of {type(data).__name__}",
             **report,

@@ -12,18 +12,26 @@ resized to the training size by the function ``predict`` uses, so both give the 
 
 import argparse
 import html
+import io
 import json
+import logging
 import os
 import signal
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import litserve as ls
 import torch
+from PIL import Image
 
 from project.errors import ConfigError, DataError, ExportError, ProjectError
 
 FIELD = "file"  # the multipart field each image comes in, repeated for several
+# the largest image decoded: PIL's guard against decompression bombs (a 400 KB PNG can hold 400 million pixels, GBs
+# decoded)
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 # the addresses LitServe 0.2.19 binds to (LitServer.run refuses others)
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 
@@ -48,9 +56,11 @@ class ImageAPI(ls.LitAPI):
         self.directory, self.runtime, self.top_k = directory, runtime, top_k
 
     def setup(self, device: str) -> None:
-        # Ctrl+C reaches every process of the terminal's group: the server's main process stops the workers
-        # itself, a worker that took the signal too would print a traceback from inside LitServe's loop
+        # Ctrl+C, and systemd's stop (SIGTERM), reach every process of the group; the main process then stops the
+        # others in turn. A worker ignores SIGINT, which would be a traceback from inside LitServe's loop, and leaves a
+        # second after SIGTERM, time to answer the requests it holds, which the HTTP process waits for.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: threading.Timer(1, os._exit, (0,)).start())
         self.info = model_info(self.directory)
         self.model = load(self.directory, self.runtime, device)
 
@@ -69,11 +79,18 @@ class ImageAPI(ls.LitAPI):
             return Upload([], error=f"field {FIELD!r} holds text ({texts[0][:40]!r}), not a file: give a file's "
                                     f"contents, e.g. curl -F {FIELD}=@image.png (with the @).")  # fmt: skip
         c, h, w = self.info["input"]["shape"][1:]
-        names = [u.filename or f"upload {i}" for i, u in enumerate(uploads)]
-        try:
-            images = [decode_bytes(u.file.read(), n, (h, w), c) for u, n in zip(uploads, names, strict=True)]
-        except DataError as err:
-            return Upload(names, error=str(err))
+        names = [u.filename or f"upload {i + 1}" for i, u in enumerate(uploads)]
+        images = []
+        for i, (upload, name) in enumerate(zip(uploads, names, strict=True)):
+            where = f"{name} (file {i + 1} of {len(uploads)})" if len(uploads) > 1 else name
+            raw = upload.file.read()
+            if (size := pixels(raw)) and size[0] * size[1] > MAX_PIXELS:
+                return Upload(names, error=f"{where} is {size[0]}x{size[1]} pixels; the server decodes images of at "
+                                           f"most {MAX_PIXELS / 1e6:.0f} million pixels.", status=413)  # fmt: skip
+            try:
+                images.append(decode_bytes(raw, where, (h, w), c))
+            except DataError as err:
+                return Upload(names, error=str(err))
         return Upload(names, torch.stack(images))
 
     def predict(self, x):
@@ -107,6 +124,19 @@ class ImageAPI(ls.LitAPI):
         return {"predictions": answers}
 
 
+def pixels(raw: bytes) -> tuple[int, int] | None:
+    """An image's width and height from its header (PIL reads no pixels for it), or None where PIL cannot tell."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked against MAX_PIXELS
+            with Image.open(io.BytesIO(raw)) as image:
+                return image.size
+    except Image.DecompressionBombError:  # over twice PIL's limit: PIL will not say how large
+        return (MAX_PIXELS + 1, 1)
+    except (OSError, ValueError):  # not an image PIL knows; torchvision's decoder will say what it is
+        return None
+
+
 def model_info(directory: Path) -> dict:
     """The export's ``model.json``. Raises ExportError if it is missing, or is not an export's."""
     path = directory / "model.json"
@@ -121,6 +151,24 @@ def model_info(directory: Path) -> dict:
     return info
 
 
+def check_model(directory: Path, info: dict, runtime: str) -> None:
+    """Raises ExportError unless the runtime loads the model and it maps an image of ``model.json``'s input shape to
+    one logit per class of its classes."""
+    shape = info["input"]["shape"][1:]
+    try:
+        logits = load(directory, runtime)(torch.zeros(1, *shape, dtype=torch.uint8))
+    except ExportError:
+        raise
+    except Exception as err:  # the runtime's own types, for an input the graph does not take
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ExportError(f"the model in {directory} does not take model.json's input, images of shape {shape} "
+                          f"({first}); export the run again: python -m project export RUN.") from None  # fmt: skip
+    if tuple(logits.shape) != (1, len(info["classes"])):
+        raise ExportError(f"the model in {directory} answers {tuple(logits.shape)[1:]} numbers an image, and "
+                          f"model.json names {len(info['classes'])} classes; export the run again: python -m project "
+                          "export RUN.")  # fmt: skip
+
+
 def load(directory: Path, runtime: str, device: str = "cpu"):
     """The export's model as a function from ``uint8`` images ``(N, C, H, W)`` to logits, both torch tensors on the
     CPU. Raises ExportError for a file the runtime cannot load."""
@@ -133,6 +181,8 @@ def load(directory: Path, runtime: str, device: str = "cpu"):
             return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
         from torch.export.passes import move_to_device_pass
 
+        # torch.export.load logs each format it tried, traceback and all, before it raises: the message below says it
+        logging.getLogger("torch.export").setLevel(logging.ERROR)
         program = move_to_device_pass(torch.export.load(path), device).module()
     except Exception as err:  # each runtime raises its own types for a missing, truncated or foreign file
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
@@ -147,33 +197,33 @@ def load(directory: Path, runtime: str, device: str = "cpu"):
 
 
 def export_of(run: Path, ckpt: str) -> Path:
-    """The export directory to serve: ``run`` itself if it is one; else the newest ``run/export_<k>`` of the
-    checkpoint ``ckpt`` names, written after it; else a new one (``export``, with its parity check)."""
+    """The export directory to serve: ``run`` itself if it is one; else the newest ``run/export_<k>`` that passed its
+    parity check and was made from the checkpoint ``ckpt`` names (by its bytes' digest: a run moved or copied keeps
+    its exports); else a new one (``export``, with its parity check)."""
     if (run / "model.json").is_file():
         return run
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"serve {run}: give a run directory (logs/<name>/version_<n>, with config.yaml) or an "
                           "export directory (with model.json and model.onnx).")  # fmt: skip
     from project.commands import export
+    from project.files import digest
     from project.runs import checkpoint
 
     path = checkpoint(run, ckpt).resolve()
     if not path.is_file():
         raise ConfigError(f"serve --ckpt_path {ckpt}: {path} is not a file.")
+    wanted = digest(path)
     for directory in sorted(run.glob("export_*"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
         try:
             info = json.loads((directory / "model.json").read_text())
         except (OSError, ValueError):  # an export interrupted, or not one
             continue
-        files = all((directory / name).is_file() for name in export.FILES)
-        if (
-            files
-            and info.get("parity", {}).get("passed")
-            and Path(info.get("checkpoint", "")).resolve() == path
-            and ((directory / "model.json").stat().st_mtime_ns >= path.stat().st_mtime_ns)
-        ):
+        checked = isinstance(info, dict) and info.get("parity", {}).get("passed") is True
+        if checked and info.get("checkpoint_sha256") == wanted:
             return directory
-    print(f"{run} has no export of {path.name} yet: exporting it first.")
+    print(f"{run} has no export of {path.name} that passed its parity check: exporting it first. (The check reads "
+          "the run's test images; if they have moved, run python -m project export RUN --data.source.root DIR, or "
+          "--data.data_dir DIR, first.)")  # fmt: skip
     return export.main(["export", str(run), "--ckpt_path", str(path)])
 
 
@@ -219,27 +269,34 @@ def main(argv: list[str]) -> Path:
     parser.add_argument("--top_k", type=int, default=5, help="classes answered per image, default 5")
     parser.add_argument("--max_upload_mb", type=float, default=20, help="largest request body in MB (413), default 20")
     args = parser.parse_args(argv[1:])
-    if min(args.workers, args.max_batch_size, args.top_k) < 1 or args.batch_timeout < 0 or args.max_upload_mb <= 0:
-        raise ConfigError("serve: --workers, --max_batch_size and --top_k must be 1 or more, --batch_timeout 0 or "
-                          "more and --max_upload_mb more than 0.")  # fmt: skip
+    for name, smallest in (("workers", 1), ("max_batch_size", 1), ("top_k", 1), ("batch_timeout", 0)):
+        if getattr(args, name) < smallest:
+            raise ConfigError(f"serve --{name} {getattr(args, name)}: give {smallest} or more.")
+    if args.max_upload_mb <= 0:
+        raise ConfigError(f"serve --max_upload_mb {args.max_upload_mb}: give more than 0.")
     host = "127.0.0.1" if args.host == "localhost" else args.host
     check_address(host, args.port)
     directory = export_of(args.run, args.ckpt_path)
     info = model_info(directory)
-    load(directory, args.runtime)  # a file the runtime cannot read: one message here, not a worker's traceback
+    check_model(directory, info, args.runtime)  # here, in one message, not in a worker's traceback at each request
     server = build(directory, info, args)
-    print(f"Serving {directory / ('model.onnx' if args.runtime == 'onnx' else 'model.pt2')} at "
-          f"http://{args.host}:{args.port}/ (the web page), POST /predict, GET /health. Ctrl+C stops it.")  # fmt: skip
+    local = "[::1]" if host == "::" else "127.0.0.1"
+    where = f"http://{local}:{args.port}/" + ("" if host == "127.0.0.1" else " (and every interface's address)")
+    print(f"Serving {directory / ('model.onnx' if args.runtime == 'onnx' else 'model.pt2')} at {where}: the web "
+          "page at /, POST /predict, GET /health. Ctrl+C stops it.")  # fmt: skip
     main_process = os.getpid()
 
     def stop(signum, frame):
-        # SIGTERM takes LitServe's Ctrl+C path, which stops its workers; the processes LitServe forks inherit this
-        # handler and leave at once, as SIGTERM's default would
-        if os.getpid() != main_process:
-            os._exit(128 + signum)
-        raise KeyboardInterrupt
+        # Ctrl+C and SIGTERM take LitServe's Ctrl+C path in the main process, which stops the others in turn. The
+        # processes LitServe forks inherit this handler: the one holding its queues waits to be stopped, and uvicorn's,
+        # which raises again the signals it took once it has finished, then ends without a KeyboardInterrupt.
+        # Installed for SIGINT too where a script started the server with SIGINT ignored: uvicorn's process would
+        # take it anyway, and leave the others serving nothing.
+        if os.getpid() == main_process:
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         server.run(host=host, port=args.port, log_level="warning", generate_client_file=False)
     except (EOFError, ConnectionError) as err:  # the process holding LitServe's queues was killed
@@ -260,7 +317,13 @@ def build(directory: Path, info: dict, args):
         accelerator="cpu" if args.runtime == "onnx" else "auto",
         workers_per_device=args.workers,
         middlewares=[(Uploads, {"path": api.api_path, "limit": int(args.max_upload_mb * 1e6)})],
-        model_metadata={"classes": info["classes"], "input": info["input"], "export": str(directory)},
+        model_metadata={
+            "classes": info["classes"],
+            "input": info["input"],
+            "export": str(directory),
+            "checkpoint": info.get("checkpoint"),
+            "max_upload_mb": args.max_upload_mb,
+        },
         disable_openapi_url=True,
         restart_workers=True,  # a worker that dies (out of memory, kill -9) is started again
     )
@@ -269,6 +332,8 @@ def build(directory: Path, info: dict, args):
         return JSONResponse({"error": err.detail}, status_code=err.status_code)
 
     server.app.add_exception_handler(HTTPException, error)
+    # python-multipart logs a malformed body's details as a warning on the server's terminal; the client is told
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     # LitServe 0.2.19 answers GET / with the text "litserve running", and has no setting to leave it out
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
     text = page(info, directory)
@@ -316,8 +381,8 @@ class Uploads:
         try:
             await (await MultiPartParser(headers, stream()).parse()).close()
         except MultiPartException as err:
-            return await JSONResponse({"error": f"the form cannot be read ({err.message}): {usage}."},
-                                      status_code=400)(scope, receive, send)  # fmt: skip
+            error = {"error": f"the multipart form cannot be read ({err.message.rstrip('.')})."}
+            return await JSONResponse(error, status_code=400)(scope, receive, send)
         replayed = False
 
         async def replay():

@@ -7,7 +7,6 @@ before use (torchvision checks MNIST files only for existence), and one error th
 
 import contextlib
 import gzip
-import hashlib
 import json
 import shutil
 import zlib
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from project.errors import DataError
-from project.files import replacing
+from project.files import digest, replacing
 
 _IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -157,7 +156,7 @@ def prepare(name: str, data_dir: str | Path, download: bool) -> None:
         seen[file] = [stat.st_size, stat.st_mtime_ns, expected]
         if verified.get(file) == seen[file]:
             continue
-        actual = _md5(raw / file)
+        actual = digest(raw / file, "md5")
         if actual != expected:
             # a bad .gz beside it would only be decompressed again
             also = f" (and {raw / file}.gz, which it came from)" if (raw / f"{file}.gz").exists() else ""
@@ -215,14 +214,6 @@ def _gunzip_from(dest: Path, sources: list[Path]) -> bool:
                 ) from None
             return True
     return False
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _missing_message(info: DatasetInfo, raw: Path, missing: list[str], why: str) -> str:

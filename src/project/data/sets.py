@@ -1,6 +1,7 @@
 """The two ways a split is held: decoded ``uint8`` tensors in memory, or image files decoded batch by batch. Both
 serve a whole batch per call (``__getitems__``) as ``(uint8 images (N, C, H, W), int64 labels)``."""
 
+import re
 from pathlib import Path
 
 import torch
@@ -58,7 +59,8 @@ def decode_bytes(raw: bytes, name: str, size: tuple[int, int], channels: int) ->
         mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         image = decode_image(data, mode=mode, apply_exif_orientation=True)
     except (RuntimeError, ValueError) as err:  # torchvision's decoders raise these for a file they cannot read
-        raise DataError(f"{name} is not an image torchvision can decode ({' '.join(str(err).split())}).") from None
+        why = re.sub(r"^.*?\.cpp:\d+,\s*", "", " ".join(str(err).split()))  # less the C++ source's name and line
+        raise DataError(f"{name} is not an image torchvision can decode ({why}).") from None
     return conform(image, size, channels)
 
 
