@@ -338,7 +338,7 @@ def test_serve_refuses_an_address_it_cannot_bind_and_a_file_it_cannot_load(tmp_p
             assert "Traceback" not in result.stderr
     result = invoke(["serve", str(tmp_path), "--port", str(free_port())])
     assert result.returncode == 2 and "give a run directory" in result.stderr
-    for text in ("", "{}", '{"classes": ["a"]}'):  # an export's model.json half written, or another file
+    for text in ("", "{}", "[]", '{"classes": ["a"]}'):  # an export's model.json half written, or another file
         (export_dir / "model.json").write_text(text)
         result = invoke(["serve", str(export_dir), "--port", str(free_port())])
         assert result.returncode == 1 and "cannot be read as an export's model.json" in result.stderr, result.stderr

@@ -144,7 +144,7 @@ def model_info(directory: Path) -> dict:
         info = json.loads(path.read_text())
         if not (info.get("classes") and len(info["input"]["shape"]) == 4 and "output" in info):
             raise ValueError("it names no classes, input shape or output")
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         why = err.strerror if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
         raise ExportError(f"{path} cannot be read as an export's model.json ({why}); export the run again: python -m "
                           "project export RUN.") from None  # fmt: skip
@@ -310,8 +310,8 @@ def build(directory: Path, info: dict, args):
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException
 
-    api = ImageAPI(directory, args.runtime, args.top_k, max_batch_size=args.max_batch_size,
-                      batch_timeout=args.batch_timeout)  # fmt: skip
+    batching = {"max_batch_size": args.max_batch_size, "batch_timeout": args.batch_timeout}
+    api = ImageAPI(directory, args.runtime, args.top_k, **batching)
     server = ls.LitServer(
         api,
         accelerator="cpu" if args.runtime == "onnx" else "auto",
@@ -362,7 +362,7 @@ class Uploads:
         if not headers.get("content-type", "").startswith("multipart/form-data"):
             why = f"POST {self.path} takes a multipart form (got {headers.get('content-type') or 'no content type'})"
             return await JSONResponse({"error": f"{why}: {usage}."}, status_code=400)(scope, receive, send)
-        if int(headers.get("content-length") or 0) > self.limit:
+        if int(headers.get("content-length") or 0) > self.limit:  # uvicorn answers one that is not a number
             return await JSONResponse({"error": too_large}, status_code=413)(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
