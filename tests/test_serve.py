@@ -39,14 +39,18 @@ class Server:
         deadline = time.monotonic() + 240  # exporting first, then a worker importing torch
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output
-            try:
-                if httpx.get(f"{self.url}/health").text == "ok":
-                    return
-            except httpx.TransportError:
-                pass
+            if self.healthy():
+                return
             time.sleep(0.2)
         self.process.kill()
         raise TimeoutError(self.output)
+
+    def healthy(self) -> bool:
+        """Whether GET /health answers ok: a worker has the model loaded."""
+        try:
+            return httpx.get(f"{self.url}/health").text == "ok"
+        except httpx.TransportError:
+            return False
 
     @property
     def output(self) -> str:
@@ -269,13 +273,13 @@ def workers(server: Server) -> list[int]:
 def test_torch_runtime_answers_the_same_a_killed_worker_is_replaced_and_ctrl_c_stops_all(trained, tmp_path):
     expected = predicted(trained)
     f = next((trained.parents[2] / "files").iterdir())
-    running = Server(trained, tmp_path / "serve.log", "--runtime", "torch", "--max_batch_size", "1")
+    running = Server(trained, tmp_path / "serve.log", "--runtime", "torch", "--max_batch_size", "1", "--timeout", "5")
     assert_same(running.post(f).json()["predictions"][0], expected[f.name])
     [worker] = workers(running)
     os.kill(worker, signal.SIGKILL)  # out of memory, say
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (workers(running) in ([], [worker]) or running.post(f).status_code != 200):
-        time.sleep(0.5)
+    while time.monotonic() < deadline and (workers(running) in ([], [worker]) or not running.healthy()):
+        time.sleep(0.2)
     assert running.process.poll() is None and workers(running) not in ([], [worker]), running.output
     assert_same(running.post(f).json()["predictions"][0], expected[f.name])
     assert running.stop(signal.SIGINT, group=True) == 0  # Ctrl+C: the terminal signals the whole group
@@ -330,6 +334,7 @@ def test_serve_refuses_an_address_it_cannot_bind_and_a_file_it_cannot_load(tmp_p
             (["--port", str(busy)], 2, f"cannot listen on 127.0.0.1:{busy}"),
             (["--workers", "0"], 2, "--workers 0: give 1 or more"),
             (["--max_upload_mb", "0"], 2, "--max_upload_mb 0.0: give more than 0"),
+            (["--batch_timeout", "2", "--timeout", "1"], 2, "--batch_timeout 2.0: give less than --timeout 1.0"),
             (["--port", str(free_port())], 1, "model.onnx cannot be loaded by onnx"),
         ]
         for args, code, text in cases:

@@ -11,6 +11,7 @@ resized to the training size by the function ``predict`` uses, so both give the 
 """
 
 import argparse
+import asyncio
 import html
 import io
 import json
@@ -268,12 +269,17 @@ def main(argv: list[str]) -> Path:
                         help="seconds a worker waits for a batch to fill, default 0.002")  # fmt: skip
     parser.add_argument("--top_k", type=int, default=5, help="classes answered per image, default 5")
     parser.add_argument("--max_upload_mb", type=float, default=20, help="largest request body in MB (413), default 20")
+    parser.add_argument("--timeout", type=float, default=30,
+                        help="seconds a request may wait for its answer (then 504), default 30")  # fmt: skip
     args = parser.parse_args(argv[1:])
     for name, smallest in (("workers", 1), ("max_batch_size", 1), ("top_k", 1), ("batch_timeout", 0)):
         if getattr(args, name) < smallest:
             raise ConfigError(f"serve --{name} {getattr(args, name)}: give {smallest} or more.")
-    if args.max_upload_mb <= 0:
-        raise ConfigError(f"serve --max_upload_mb {args.max_upload_mb}: give more than 0.")
+    for name in ("max_upload_mb", "timeout"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"serve --{name} {getattr(args, name)}: give more than 0.")
+    if args.batch_timeout >= args.timeout:
+        raise ConfigError(f"serve --batch_timeout {args.batch_timeout}: give less than --timeout {args.timeout}.")
     host = "127.0.0.1" if args.host == "localhost" else args.host
     check_address(host, args.port)
     directory = export_of(args.run, args.ckpt_path)
@@ -312,11 +318,13 @@ def build(directory: Path, info: dict, args):
 
     batching = {"max_batch_size": args.max_batch_size, "batch_timeout": args.batch_timeout}
     api = ImageAPI(directory, args.runtime, args.top_k, **batching)
+    checks = {"path": api.api_path, "limit": int(args.max_upload_mb * 1e6), "timeout": args.timeout}
     server = ls.LitServer(
         api,
         accelerator="cpu" if args.runtime == "onnx" else "auto",
         workers_per_device=args.workers,
-        middlewares=[(Uploads, {"path": api.api_path, "limit": int(args.max_upload_mb * 1e6)})],
+        timeout=args.timeout,  # in the queue, before a worker takes the request
+        middlewares=[(Uploads, checks)],
         model_metadata={
             "classes": info["classes"],
             "input": info["input"],
@@ -344,10 +352,12 @@ def build(directory: Path, info: dict, args):
 class Uploads:
     """Answers a POST to the predict path that is too large (413) or not a well-formed multipart form (400) itself,
     before LitServe reads it: LitServe 0.2.19 reads any other body as JSON, and answers a body that is neither (an
-    empty one among them) with a 500. The body it lets through is handed on as it came."""
+    empty one among them) with a 500. The body it lets through is handed on as it came, and answered 504 if LitServe
+    has not answered it in ``timeout`` seconds: LitServe 0.2.19 times out a request only while it waits in the queue,
+    and loses one a worker took as it died, which would otherwise wait for ever."""
 
-    def __init__(self, app, path: str, limit: int):
-        self.app, self.path, self.limit = app, path, limit
+    def __init__(self, app, path: str, limit: int, timeout: float):
+        self.app, self.path, self.limit, self.timeout = app, path, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
@@ -392,7 +402,11 @@ class Uploads:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        return await self.app(scope, replay, send)
+        try:
+            return await asyncio.wait_for(self.app(scope, replay, send), self.timeout)
+        except asyncio.TimeoutError:  # LitServe sends its answer in one go: none of it has gone out
+            error = {"error": f"no answer within {self.timeout:g} s (--timeout): the server is busy, or a worker died."}
+            return await JSONResponse(error, status_code=504)(scope, receive, send)
 
 
 def page(info: dict, directory: Path) -> str:
