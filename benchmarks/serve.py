@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from project.commands.serve import FIELD, export_of  # noqa: E402
 from project.data import registry  # noqa: E402
-from project.data.sets import decode_bytes  # noqa: E402
+from project.images import decode_bytes  # noqa: E402
 
 
 def timed(call, n: int, clients: int) -> tuple[float, list[float]]:

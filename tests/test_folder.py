@@ -14,8 +14,8 @@ from conftest import FOLDER_CLASSES, folder_fit, invoke, run, write_image_folder
 from project.data import ImageDataModule, ImageFolder
 from project.data import cache as caches
 from project.data import folder as folders
-from project.data.sets import decode
 from project.errors import DataError
+from project.images import decode
 from project.module import ImageClassifier
 
 CLASSES = tuple(sorted(FOLDER_CLASSES))  # class names are the folder names, sorted

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from project.errors import ConfigError, DataError, ExportError, ProjectError
+from project.images import decode_bytes
 
 FIELD = "file"  # the multipart field each image comes in, repeated for several
 # the largest image decoded: PIL's guard against decompression bombs (a 400 KB PNG can hold 400 million pixels, GBs
@@ -64,12 +65,11 @@ class ImageAPI(ls.LitAPI):
         signal.signal(signal.SIGTERM, lambda *_: threading.Timer(1, os._exit, (0,)).start())
         self.info = model_info(self.directory)
         self.model = load(self.directory, self.runtime, device)
+        self.model(torch.zeros(1, *self.info["input"]["shape"][1:], dtype=torch.uint8))  # its first run is slow
 
     def decode_request(self, request) -> Upload:
         """The form's images, decoded as ``predict`` decodes files; never raises, since LitServe fails every
         request of a batch when one request's decoding raises (litserve 0.2.19, BatchedLoop)."""
-        from project.data.sets import decode_bytes
-
         uploads = request.getlist(FIELD)
         if not uploads:
             given = ", ".join(repr(k) for k in dict.fromkeys(request.keys()))
@@ -307,6 +307,10 @@ def main(argv: list[str]) -> Path:
         server.run(host=host, port=args.port, log_level="warning", generate_client_file=False)
     except (EOFError, ConnectionError) as err:  # the process holding LitServe's queues was killed
         raise ProjectError(f"serve stopped: a process of LitServe's ended ({type(err).__name__}).") from None
+    finally:
+        # LitServe 0.2.19's thread watching the workers outlives the process holding its queues, which it has just
+        # stopped, and logs a traceback if it wakes before this process has ended
+        logging.getLogger("litserve.server").setLevel(logging.CRITICAL)
     print("Stopped.")
     return directory
 

@@ -1,6 +1,6 @@
 """A folder of a user's images as a dataset: one sub-folder per class, with or without ``train/``, ``val/``, ``test/``.
 
-Images are decoded by torchvision (PNG, JPEG, WebP, GIF; see :func:`project.data.sets.decode`), converted to the
+Images are decoded by torchvision (PNG, JPEG, WebP, GIF; see :func:`project.images.decode`), converted to the
 configured channels and resized to the configured size, once: the result is cached under ``data_dir`` as the same
 ``uint8`` tensors the built-in datasets are held in, with each image's pixel sums for the mean and std of whatever the
 train split turns out to be.
@@ -22,8 +22,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import Dataset
 
 from project.data import cache as caches
-from project.data.sets import Files, Tensors, class_counts, decode
+from project.data.sets import Files, Tensors, class_counts
 from project.errors import ConfigError, DataError
+from project.images import decode
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 # the names a split folder may have beside train/

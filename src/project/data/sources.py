@@ -22,8 +22,9 @@ from torch.utils.data import Dataset
 from project.data import cache as caches
 from project.data import folder as folders
 from project.data import registry
-from project.data.sets import Files, Tensors, conform
+from project.data.sets import Files, Tensors
 from project.errors import ConfigError, DataError
+from project.images import conform
 
 Size = int | tuple[int, int]
 
