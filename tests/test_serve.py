@@ -2,6 +2,7 @@
 equal to ``predict``'s for the same files, one server batching concurrent clients, bad uploads answered with one line
 of JSON while the server goes on, the web page driven in Debian's Chromium, Ctrl+C and SIGTERM."""
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -27,7 +28,10 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's package chromium (make install puts i
 
 
 class Server:
-    """``python -m project serve RUN --port P ARGS`` in a process group of its own, as a terminal runs it."""
+    """``python -m project serve RUN --port P ARGS`` in a process group of its own, as a terminal runs it. Every one
+    started is killed, with its group, when the module's tests end, whatever they did."""
+
+    started: list["Server"] = []
 
     def __init__(self, run: Path, log: Path, *args: str):
         self.port, self.log = free_port(), log
@@ -36,6 +40,7 @@ class Server:
         with open(log, "w") as out:
             self.process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)  # fmt: skip
+        Server.started.append(self)
         deadline = time.monotonic() + 240  # exporting first, then a worker importing torch
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output
@@ -74,6 +79,15 @@ class Server:
             time.sleep(0.1)
         os.killpg(self.process.pid, signal.SIGKILL)
         raise AssertionError(f"processes of the server's group outlived it:\n{self.output}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_server_left():
+    """A failed test leaves no server running (and spinning: LitServe's batching loop polls its queue)."""
+    yield
+    for server in Server.started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
