@@ -83,7 +83,7 @@ class Server:
 
 @pytest.fixture(scope="module", autouse=True)
 def no_server_left():
-    """A failed test leaves no server running (and spinning: LitServe's batching loop polls its queue)."""
+    """A failed test leaves no server running, holding its port and memory."""
     yield
     for server in Server.started:
         with contextlib.suppress(ProcessLookupError):
