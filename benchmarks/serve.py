@@ -63,10 +63,12 @@ def served(export: Path, files: list[bytes], args: list[str], n: int) -> list[tu
     """Starts the server with ``args``, measures 1 and 8 clients, stops it."""
     port = 8123
     server = subprocess.Popen([sys.executable, "-m", "project", "serve", str(export), "--port", str(port), *args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+                              stdout=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
+            if server.poll() is not None:  # port 8123 taken, say: its one-line error went to the terminal
+                raise SystemExit(f"serve ended with exit code {server.returncode} before it was ready.")
             try:
                 if httpx.get(f"{url}/health").text == "ok":
                     break

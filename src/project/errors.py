@@ -22,3 +22,8 @@ class NonFiniteError(ProjectError):
 
 class ExportError(ProjectError):
     """A model that cannot be exported, or whose export does not compute what PyTorch computes."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error that says something (exporters and runtimes write pages), or its type."""
+    return next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)

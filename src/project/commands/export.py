@@ -18,7 +18,7 @@ import torch
 import yaml
 from torch import nn
 
-from project.errors import ConfigError, ExportError
+from project.errors import ConfigError, ExportError, first_line
 from project.files import digest
 
 FILES = ("model.onnx", "model.pt2", "model.json")
@@ -86,8 +86,7 @@ def export(model: nn.Module, example: torch.Tensor, out: Path) -> dict[str, Path
                 input_names=["images"], output_names=["logits"], verbose=False, external_data=False,
             )  # fmt: skip
     except Exception as err:  # torch.export and ONNX raise many types for a net they cannot trace
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise ExportError(f"the net cannot be exported ({type(err).__name__}: {first}).") from None
+        raise ExportError(f"the net cannot be exported ({type(err).__name__}: {first_line(err)}).") from None
     return files
 
 

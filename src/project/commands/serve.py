@@ -27,10 +27,12 @@ import litserve as ls
 import torch
 from PIL import Image
 
-from project.errors import ConfigError, DataError, ExportError, ProjectError
+from project.errors import ConfigError, DataError, ExportError, ProjectError, first_line
 from project.images import decode_bytes
 
 FIELD = "file"  # the multipart field each image comes in, repeated for several
+USAGE = f"send each image as a multipart field named {FIELD!r}, e.g. curl -F {FIELD}=@image.png URL/predict"
+AGAIN = "export the run again: python -m project export RUN."  # what mends an export that cannot be served
 # the largest image decoded: PIL's guard against decompression bombs (a 400 KB PNG can hold 400 million pixels, GBs
 # decoded)
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -64,8 +66,7 @@ class ImageAPI(ls.LitAPI):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda *_: threading.Timer(1, os._exit, (0,)).start())
         self.info = model_info(self.directory)
-        self.model = load(self.directory, self.runtime, device)
-        self.model(torch.zeros(1, *self.info["input"]["shape"][1:], dtype=torch.uint8))  # its first run is slow
+        self.model = ready(self.directory, self.info, self.runtime, device)
 
     def decode_request(self, request) -> Upload:
         """The form's images, decoded as ``predict`` decodes files; never raises, since LitServe fails every
@@ -74,8 +75,7 @@ class ImageAPI(ls.LitAPI):
         if not uploads:
             given = ", ".join(repr(k) for k in dict.fromkeys(request.keys()))
             return Upload([], error=f"no field {FIELD!r} in the form ({f'it has {given}' if given else 'it is empty'}"
-                                    f"): send each image as a multipart field named {FIELD!r}, e.g. curl -F "
-                                    f"{FIELD}=@image.png URL/predict.")  # fmt: skip
+                                    f"): {USAGE}.")  # fmt: skip
         if texts := [u for u in uploads if isinstance(u, str)]:
             return Upload([], error=f"field {FIELD!r} holds text ({texts[0][:40]!r}), not a file: give a file's "
                                     f"contents, e.g. curl -F {FIELD}=@image.png (with the @).")  # fmt: skip
@@ -147,27 +147,23 @@ def model_info(directory: Path) -> dict:
             raise ValueError("it names no classes, input shape or output")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         why = err.strerror if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
-        raise ExportError(f"{path} cannot be read as an export's model.json ({why}); export the run again: python -m "
-                          "project export RUN.") from None  # fmt: skip
+        raise ExportError(f"{path} cannot be read as an export's model.json ({why}); {AGAIN}") from None
     return info
 
 
-def check_model(directory: Path, info: dict, runtime: str) -> None:
-    """Raises ExportError unless the runtime loads the model and it maps an image of ``model.json``'s input shape to
-    one logit per class of its classes."""
-    shape = info["input"]["shape"][1:]
+def ready(directory: Path, info: dict, runtime: str, device: str = "cpu"):
+    """The export's model (:func:`load`), run once on an image of ``model.json``'s input shape (its first run is the
+    slow one). Raises ExportError unless it answers one logit per class of ``model.json``'s classes."""
+    model, shape = load(directory, runtime, device), info["input"]["shape"][1:]
     try:
-        logits = load(directory, runtime)(torch.zeros(1, *shape, dtype=torch.uint8))
-    except ExportError:
-        raise
+        logits = model(torch.zeros(1, *shape, dtype=torch.uint8))
     except Exception as err:  # the runtime's own types, for an input the graph does not take
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise ExportError(f"the model in {directory} does not take model.json's input, images of shape {shape} "
-                          f"({first}); export the run again: python -m project export RUN.") from None  # fmt: skip
+                          f"({first_line(err)}); {AGAIN}") from None  # fmt: skip
     if tuple(logits.shape) != (1, len(info["classes"])):
         raise ExportError(f"the model in {directory} answers {tuple(logits.shape)[1:]} numbers an image, and "
-                          f"model.json names {len(info['classes'])} classes; export the run again: python -m project "
-                          "export RUN.")  # fmt: skip
+                          f"model.json names {len(info['classes'])} classes; {AGAIN}")  # fmt: skip
+    return model
 
 
 def load(directory: Path, runtime: str, device: str = "cpu"):
@@ -186,9 +182,7 @@ def load(directory: Path, runtime: str, device: str = "cpu"):
         logging.getLogger("torch.export").setLevel(logging.ERROR)
         program = move_to_device_pass(torch.export.load(path), device).module()
     except Exception as err:  # each runtime raises its own types for a missing, truncated or foreign file
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise ExportError(f"{path} cannot be loaded by {runtime} ({first}); export the run again: python -m project "
-                          "export RUN.") from None  # fmt: skip
+        raise ExportError(f"{path} cannot be loaded by {runtime} ({first_line(err)}); {AGAIN}") from None
 
     def run(x):
         with torch.no_grad():
@@ -284,7 +278,7 @@ def main(argv: list[str]) -> Path:
     check_address(host, args.port)
     directory = export_of(args.run, args.ckpt_path)
     info = model_info(directory)
-    check_model(directory, info, args.runtime)  # here, in one message, not in a worker's traceback at each request
+    ready(directory, info, args.runtime)  # here, in one message, not in a worker's traceback at each request
     server = build(directory, info, args)
     local = "[::1]" if host == "::" else "127.0.0.1"
     where = f"http://{local}:{args.port}/" + ("" if host == "127.0.0.1" else " (and every interface's address)")
@@ -371,11 +365,10 @@ class Uploads:
         from starlette.formparsers import MultiPartException, MultiPartParser
 
         headers = Headers(scope=scope)
-        usage = f"send each image as a multipart field named {FIELD!r}, e.g. curl -F {FIELD}=@image.png URL{self.path}"
         too_large = f"the request is larger than the server's limit of {self.limit / 1e6:g} MB (--max_upload_mb)."
         if not headers.get("content-type", "").startswith("multipart/form-data"):
             why = f"POST {self.path} takes a multipart form (got {headers.get('content-type') or 'no content type'})"
-            return await JSONResponse({"error": f"{why}: {usage}."}, status_code=400)(scope, receive, send)
+            return await JSONResponse({"error": f"{why}: {USAGE}."}, status_code=400)(scope, receive, send)
         if int(headers.get("content-length") or 0) > self.limit:  # uvicorn answers one that is not a number
             return await JSONResponse({"error": too_large}, status_code=413)(scope, receive, send)
         chunks, size, more = [], 0, True
